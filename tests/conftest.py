@@ -1,0 +1,45 @@
+"""Helpers every test file uses: import a method file by slug, run a script the way a user does."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ROOT / "methods"
+sys.path.insert(0, str(ROOT))  # method files do `import shared`
+
+
+def load(slug: str):
+    """Import methods/<slug>.py as a module (safe: nothing in a method file runs at import)."""
+    spec = importlib.util.spec_from_file_location(slug, METHODS / f"{slug}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[slug] = module  # dataclasses need the module registered while the class body runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(slug: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python methods/<slug>.py ARGS` from the repository root, capturing text output."""
+    cmd = [sys.executable, str(METHODS / f"{slug}.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """A bad argument ends with exit status 2 and one clear `error: ...` line naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and all(w.lower() in line.lower() for w in words), line
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

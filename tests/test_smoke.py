@@ -1,0 +1,51 @@
+"""Every method file, run as a user runs it (`--preset smoke`), writes finite results, a claim and a figure."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+import shared
+from conftest import METHODS, load, run_script
+
+SLUGS = sorted(p.stem for p in METHODS.glob("*.py"))
+
+
+@pytest.mark.parametrize("slug", SLUGS)
+def test_smoke_run_writes_results(slug, tmp_path):
+    proc = run_script(slug, "--preset", "smoke", "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CLAIM" in proc.stdout  # the closing line says whether the claim holds
+    record = json.loads((tmp_path / f"{slug}__smoke__s0.json").read_text())
+    for field in ("slug", "paper", "arxiv", "preset", "seed", "device", "torch", "args", "results", "key",
+                  "paper_numbers", "claim", "history", "wall_s"):
+        assert field in record, field
+    key = record["key"]
+    for role in ("method", "baseline"):
+        value = record["results"][key[role]][key["metric"]]
+        assert isinstance(value, float) and math.isfinite(value), (role, value)
+    assert isinstance(record["claim"]["passed"], bool) and record["claim"]["text"]
+    assert (tmp_path / f"{slug}__smoke__s0.png").stat().st_size > 10_000  # the paper's figure, re-drawn
+
+
+@pytest.mark.parametrize("slug", SLUGS)
+def test_help_lists_every_field(slug, capsys):
+    module = load(slug)
+    with pytest.raises(SystemExit) as exit_info:
+        shared.cli(module.Args, module.PRESETS, ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for field in dataclasses.fields(module.Args):
+        assert "--" + field.name.replace("_", "-") in out, field.name
+
+
+@pytest.mark.parametrize("slug", SLUGS)
+def test_presets_apply_with_and_without_other_flags(slug):
+    module = load(slug)
+    assert shared.cli(module.Args, module.PRESETS, []) == module.Args()
+    smoke = shared.cli(module.Args, module.PRESETS, ["--seed", "3", "--preset", "smoke"])
+    assert smoke == dataclasses.replace(module.PRESETS["smoke"], seed=3)
+    with pytest.raises(SystemExit) as exit_info:
+        shared.cli(module.Args, module.PRESETS, ["--preset", "nonsense"])
+    assert exit_info.value.code == 2
