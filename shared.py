@@ -113,7 +113,8 @@ def write_json(path: Path, obj: dict) -> None:
 def save_metrics(args, *, slug, paper, arxiv, results, key, claim, paper_numbers, history, wall_s, **extra) -> dict:
     """Write runs/<slug>__<preset>__s<seed>.json. `key` = {"metric", "method", "baseline", "higher_is_better"}
     names the headline number that `summarize` shows, read from results[model][metric]."""
-    record = dict(slug=slug, paper=paper, arxiv=arxiv, preset=args.preset, seed=args.seed, device=str(args.device),
+    device = str(pick_device(args.device))
+    record = dict(slug=slug, paper=paper, arxiv=arxiv, preset=args.preset, seed=args.seed, device=device,
                   torch=torch.__version__, args=asdict(args), results=results, key=key, claim=claim,
                   paper_numbers=paper_numbers, history=history, wall_s=round(wall_s, 2), **extra)
     write_json(run_path(args, slug, ".json"), record)
@@ -154,13 +155,13 @@ def summarize(runs_dir: str = "runs") -> str:
         r = json.loads(f.read_text())
         groups.setdefault((r["slug"], r["preset"]), []).append(r)
     ms = lambda xs: f"{statistics.mean(xs):.4g} ± {statistics.pstdev(xs):.2g}" if xs else "-"  # noqa: E731
-    out = ["| paper | preset | seeds | metric | method | baseline | claim passed | wall s |", "|" + "---|" * 8]
+    out = ["| paper | preset | seeds | claim | metric | method | baseline | claim passed | wall s |", "|" + "---|" * 9]
     for (slug, preset), rs in sorted(groups.items()):
         k = rs[0]["key"]
         vals = {role: [r["results"][k[role]][k["metric"]] for r in rs] for role in ("method", "baseline")}
         vals = {role: [v for v in vs if v is not None and math.isfinite(v)] for role, vs in vals.items()}
         passed = sum(bool(r["claim"]["passed"]) for r in rs)
-        out.append(f"| {slug} | {preset} | {len(rs)} | {k['metric']} | {k['method']}: {ms(vals['method'])} | "
+        out.append(f"| {slug} | {preset} | {len(rs)} | {rs[0]['claim']['text']} | {k['metric']} | {k['method']}: {ms(vals['method'])} | "
                    f"{k['baseline']}: {ms(vals['baseline'])} | {passed}/{len(rs)} | "
                    f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
     benches = [json.loads(f.read_text()) for f in sorted(Path(runs_dir).glob("*.bench.json"))]
