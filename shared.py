@@ -124,8 +124,9 @@ def save_metrics(args, *, slug, paper, arxiv, results, key, claim, paper_numbers
 def save_bench(args, slug: str, device: torch.device, rows: list[dict], **extra) -> dict:
     """Print and write runs/<slug>__<preset>__s<seed>.bench.json. Each row: {"what", "reference_ms", "fused_ms"}
     (for the whole-model row, reference = eager and fused = torch.compile)."""
+    speed_up = [f"{r['reference_ms'] / r['fused_ms']:.2f}x" for r in rows]
     print_table(["what", "reference / eager ms", "fused / compiled ms", "speed-up"],
-                [[r["what"], r["reference_ms"], r["fused_ms"], f"{r['reference_ms'] / r['fused_ms']:.2f}x"] for r in rows])
+                [[r["what"], r["reference_ms"], r["fused_ms"], x] for r, x in zip(rows, speed_up)])
     record = dict(slug=slug, device=str(device), torch=torch.__version__, args=asdict(args), rows=rows, **extra)
     write_json(run_path(args, slug, ".bench.json"), record)
     return record
@@ -134,41 +135,41 @@ def save_bench(args, slug: str, device: torch.device, rows: list[dict], **extra)
 def benchmark(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
     """Median wall time of fn() in milliseconds, after warm-up; CUDA is synchronised around every call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
     times = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
         sync()
         t0 = time.perf_counter()
         fn()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times[warmup:])
 
 
 def summarize(runs_dir: str = "runs") -> str:
-    """One Markdown table over runs/*.json: key metric as mean ± std over seeds, claim pass count, wall time."""
+    """One Markdown table over runs/*.json: key metric as mean ± std over seeds, claim pass count, wall time;
+    then the speed table of runs/*.bench.json."""
     groups: dict[tuple, list[dict]] = {}
     for f in sorted(Path(runs_dir).glob("*.json")):
-        if f.name.endswith(".bench.json"):
-            continue
-        r = json.loads(f.read_text())
-        groups.setdefault((r["slug"], r["preset"]), []).append(r)
-    ms = lambda xs: f"{statistics.mean(xs):.4g} ± {statistics.pstdev(xs):.2g}" if xs else "-"  # noqa: E731
-    out = ["| paper | preset | seeds | claim | metric | method | baseline | claim passed | wall s |", "|" + "---|" * 9]
-    for (slug, preset), rs in sorted(groups.items()):
+        if not f.name.endswith(".bench.json"):
+            r = json.loads(f.read_text())
+            groups.setdefault((r["slug"], r["preset"]), []).append(r)
+
+    def mean_std(rs: list[dict], role: str) -> str:
         k = rs[0]["key"]
-        vals = {role: [r["results"][k[role]][k["metric"]] for r in rs] for role in ("method", "baseline")}
-        vals = {role: [v for v in vs if v is not None and math.isfinite(v)] for role, vs in vals.items()}
-        passed = sum(bool(r["claim"]["passed"]) for r in rs)
-        out.append(f"| {slug} | {preset} | {len(rs)} | {rs[0]['claim']['text']} | {k['metric']} | {k['method']}: {ms(vals['method'])} | "
-                   f"{k['baseline']}: {ms(vals['baseline'])} | {passed}/{len(rs)} | "
-                   f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
+        xs = [v for r in rs if (v := r["results"][k[role]][k["metric"]]) is not None and math.isfinite(v)]
+        return f"{k[role]}: " + (f"{statistics.mean(xs):.4g} ± {statistics.pstdev(xs):.2g}" if xs else "-")
+
+    out = ["| paper | preset | seeds | claim | metric | method | baseline | claim passed | wall s |", "|---" * 9 + "|"]
+    for (slug, preset), rs in sorted(groups.items()):
+        passed, wall = sum(bool(r["claim"]["passed"]) for r in rs), statistics.mean(r["wall_s"] for r in rs)
+        out.append(f"| {slug} | {preset} | {len(rs)} | {rs[0]['claim']['text']} | {rs[0]['key']['metric']} | "
+                   f"{mean_std(rs, 'method')} | {mean_std(rs, 'baseline')} | {passed}/{len(rs)} | {wall:.0f} |")
     benches = [json.loads(f.read_text()) for f in sorted(Path(runs_dir).glob("*.bench.json"))]
     if benches:
-        out += ["", "| paper | device | what | reference / eager ms | fused / compiled ms | speed-up |", "|" + "---|" * 6]
-        out += [f"| {b['slug']} | {b['device']} | {row['what']} | {row['reference_ms']:.3g} | {row['fused_ms']:.3g} "
-                f"| {row['reference_ms'] / row['fused_ms']:.2f}x |" for b in benches for row in b["rows"]]
+        out += ["", "| paper | device | what | reference / eager ms | fused / compiled ms | speed-up |",
+                "|---" * 6 + "|"]
+        out += [f"| {b['slug']} | {b['device']} | {r['what']} | {r['reference_ms']:.3g} | {r['fused_ms']:.3g} | "
+                f"{r['reference_ms'] / r['fused_ms']:.2f}x |" for b in benches for r in b["rows"]]
     return "\n".join(out)
 
 

@@ -38,7 +38,7 @@ Run
     python methods/icl_multihead_softmax.py --bench                 # reference vs SDPA, eager vs compile
     python methods/icl_multihead_softmax.py --help
 
-Expected (default preset, seed 0, TBD s on a 2-core CPU; 4.4-5.4 min measured with OMP_NUM_THREADS=1 on a shared box):
+Expected (default preset, seed 0, 81 s of run time on a quiet 2-core CPU; the same numbers with 1 or 2 threads):
     | predictor       | L=10   | L=20   | L=40 (train) | L=80   | L=160  | paper                     |
     |-----------------|--------|--------|--------------|--------|--------|---------------------------|
     | softmax H=4     | 0.5683 | 0.3632 | 0.245        | 0.1797 | 0.1508 | 0.227 @500k (0.21-0.27)   |
