@@ -37,7 +37,7 @@ Run
     python methods/icl_bayesian_prism.py --task dr_sr           # or: --task fourier --n-points 12
     python methods/icl_bayesian_prism.py --help
 
-Expected (default preset, seed 0, 106 s of run time on a quiet 2-core CPU; seeds 1, 2 (1 thread): TF 1.372, 1.378
+Expected (default preset, seed 0, 106 s of run time on a quiet 2-core CPU; seeds 1, 2 (same machine): TF 1.378, 1.376
 at k = 1, every check passes):
     | k         | TF (gmm prior) | TF (Gaussian prior) | OLS       | Gaussian-matched PME | mixture PME | oracle PME | paper (d=10, curves)     |
     |-----------|----------------|---------------------|-----------|----------------------|-------------|------------|--------------------------|
