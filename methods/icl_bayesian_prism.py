@@ -404,6 +404,8 @@ def curriculum(step: int, args: Args) -> tuple[int, int]:
 def train(model: nn.Module, args: Args, prior: Prior, device: torch.device, name: str) -> list[dict]:
     gen = torch.Generator().manual_seed(args.seed)  # training prompts: a stream of their own, fixed by the seed
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if args.compile:
+        print(f"[{name}] torch.compile: the first steps compile the model (seconds to a minute)...", flush=True)
     fwd = torch.compile(model) if args.compile else model
     if args.compile:
         print("compiling the model (tens of seconds before the first step)...", flush=True)

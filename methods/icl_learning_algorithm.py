@@ -300,6 +300,8 @@ def lr_at(step: int, args: Args) -> float:
 def train(model: nn.Module, args: Args, sigma: float, device: torch.device, name: str) -> list[dict]:
     gen = torch.Generator().manual_seed(args.seed)  # training prompts: a stream of their own, fixed by the seed
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if args.compile:
+        print(f"[{name}] torch.compile: the first steps compile the model (seconds to a minute)...", flush=True)
     fwd = torch.compile(model) if args.compile else model
     progress, history, t0 = shared.Progress(name, args.steps), [], time.perf_counter()
     model.train()

@@ -306,6 +306,8 @@ def train(model: OneLayerAttention, args: Args, steps: int, device: torch.device
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     if args.compile:
         print(f"[{name}] compiling the model (tens of seconds)...", flush=True)
+    if args.compile:
+        print(f"[{name}] torch.compile: the first steps compile the model (seconds to a minute)...", flush=True)
     fwd = torch.compile(model) if args.compile else model
     progress, history, dynamics, t0 = shared.Progress(name, steps), [], [], time.perf_counter()
     every = max(1, steps // 100)
