@@ -14,7 +14,7 @@ sklearn's 8x8 digits, NB converges (within 0.02 of its m=450 error) no later tha
 as LR at m <= 3 per class (the paper's few-shot claim) -- DOES NOT HOLD here (see Expected).
 
 Run:
-  python methods/naive_bayes_vs_logreg.py                             # default CPU preset (~1 min)
+  python methods/naive_bayes_vs_logreg.py                             # default CPU preset (~30 s)
   python methods/naive_bayes_vs_logreg.py --preset smoke              # seconds, same code path
   python methods/naive_bayes_vs_logreg.py --preset paper --device cuda   # K in {2,3,5,7} x n in {100..1000}
   python methods/naive_bayes_vs_logreg.py --bench                     # loop vs batched fits, eager vs compile

@@ -13,7 +13,7 @@ neighbour. NOT reproduced at this scale: the card's "Ptr-Net >= seq2seq+attn + 2
 baseline ends 1-4 points behind, sometimes ahead; the paper's gap, 72.6% vs 38.9%, is at n=50).
 CPU scale, data generated in the file.
 
-Run:  python methods/pointer_networks.py                            # default: CPU, ~3-4 min on 2 cores
+Run:  python methods/pointer_networks.py                            # default: CPU, ~2.5 min on 2 cores
       python methods/pointer_networks.py --preset smoke             # seconds, same code path
       python methods/pointer_networks.py --preset paper --device cuda   # hidden 512, n in 5..50, 100k steps
       python methods/pointer_networks.py --attn reference           # literal per-step pointer scores
