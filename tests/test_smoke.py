@@ -49,3 +49,25 @@ def test_presets_apply_with_and_without_other_flags(slug):
     with pytest.raises(SystemExit) as exit_info:
         shared.cli(module.Args, module.PRESETS, ["--preset", "nonsense"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slug", SLUGS)
+def test_smoke_run_on_cuda(slug, tmp_path):
+    """The same smoke run on the GPU: every tensor follows `--device cuda`, and the numbers stay finite."""
+    proc = run_script(slug, "--preset", "smoke", "--device", "cuda", "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / f"{slug}__smoke__s0.json").read_text())
+    assert record["device"].startswith("cuda")
+    key = record["key"]
+    assert math.isfinite(record["results"][key["method"]][key["metric"]])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slug", SLUGS)
+def test_bench_on_cuda(slug, tmp_path):
+    """`--bench --device cuda` checks fused == reference (bf16 tolerance) on the GPU and writes positive timings."""
+    proc = run_script(slug, "--preset", "smoke", "--bench", "--device", "cuda", "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / f"{slug}__smoke__s0.bench.json").read_text())["rows"]
+    assert rows and all(r["reference_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
