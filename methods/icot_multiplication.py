@@ -77,7 +77,7 @@ Expected (default preset, seed 0; 175 s on a quiet 2-core CPU, 2 threads):
       [ ] paper: SFT + aux learns the middle digits (mean acc 0.105; >= SFT + 0.3)
       [x] paper: the aux loss writes c_hat_k into the residual stream (middle-k probe R^2: ICoT 0.54, SFT 0.68,
           aux 0.99; aux >= 0.9 > SFT)
-    Seeds 1 and 2 (same box, 2,457 s and 2,454 s): the same picture. SFT c0/c1/c2/c6/c7 accuracy 1.00/0.62/0.17/
+    Seeds 1 and 2 (1 thread each): the same picture. SFT c0/c1/c2/c6/c7 accuracy 1.00/0.62/0.17/
     0.77/0.98 and 1.00/0.51/0.17/0.64/0.98, c3/c4 CE 2.29/2.31 and 2.30/2.31; aux c1 0.35 and 0.30 (check 2
     fails); ICoT middle digits at chance; exact match <= 0.0005 for every model; middle-k probe R^2 ICoT 0.62/0.63,
     SFT 0.72/0.76, aux 0.97/0.99. Checks 1a-1c hold for seeds 0, 1, 2; check 2 fails for all three.
