@@ -30,7 +30,7 @@ Run:
     python methods/causal_motion.py --data-dir orca/                  # the official ORCA .npz files (key `raw`)
     python methods/causal_motion.py --help
 
-Expected (default preset, seed 0, 119 s of run time on the shared 2-core CPU; the lead measures it alone):
+Expected (default preset, seed 0; 60 s on a quiet 2-core CPU, 2 threads):
     | metric            | Inv+Mod (method) | Modular | Invariant | ERM (baseline) | const. vel. | Inv+Mod +refine | paper Inv+Mod / ERM |
     |-------------------|------------------|---------|-----------|----------------|-------------|-----------------|---------------------|
     | ADE IID           | 0.09733          | 0.09535 | 0.1535    | 0.1504         | 0.2616      | 0.09454         | 0.065 / 0.113       |
@@ -52,7 +52,7 @@ Expected (default preset, seed 0, 119 s of run time on the shared 2-core CPU; th
     CLAIM HOLDS (all 7 checks): Modular / Inv+Mod ADE OOD-Extra <= 0.75 x Vanilla and ADE IID <= 0.85 x Vanilla,
     nearest-centroid accuracy of the style embeddings on the 3 training environments >= 0.8, low-shot at r = 0.6 with
     K = 32: integ ADE <= all ADE.
-    Seeds 1 and 2 (134 s and 129 s, same machine): the claim holds, all 7 checks. ADE IID / OOD-Extra Inv+Mod
+    Seeds 1 and 2 (1 thread each): the claim holds, all 7 checks. ADE IID / OOD-Extra Inv+Mod
     0.0951 / 0.1665 and 0.0920 / 0.1568 vs ERM 0.1513 / 0.3761 and 0.1524 / 0.3782; env accuracy 1.000 and 0.997;
     low-shot K = 32 integ / all / zero-shot 0.150 / 0.163 / 0.132 and 0.151 / 0.180 / 0.126.
     What does not reproduce: fine-tuning on the K scenes (either way) is mostly WORSE than no update at all

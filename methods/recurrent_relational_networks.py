@@ -28,21 +28,21 @@ puzzles have ~23-26 givens, so the generated paper preset trains on 24-34 and te
 the paper's 17-given test needs --data-dir with its sudoku-hard csv files and --train-givens/--hard-givens 17 ...
 Its target (card): ~96% solved at 17 givens after full training (days on 4 GPUs in the paper); not run here.
 
-Expected (default preset, seed 0, OMP_NUM_THREADS=1; wall time on a quiet 2-core CPU: to be measured, est. ~3 min):
+Expected (default preset, seed 0; 260 s on a quiet 2-core CPU, 2 threads, over the 3-minute target):
   | metric                                           | RRN (T=8, test 16)           | RN (T=1) / MLP / propagation        | paper                      |
   |--------------------------------------------------|------------------------------|-------------------------------------|----------------------------|
-  | 14-22 givens: solved (RRN at step T=8)           | 99.3%                        | RN 1.0% / MLP 6.7% / prop. 100.0%   | RRN 96.6% (9x9, 17 givens) |
-  | 14-22 givens: blank-cell acc (step T)            | 99.8%                        | RN 65.5% / MLP 77.5% / prop. 100.0% | -                          |
-  | 14-22 givens: RRN solved at steps 1 / 4 / 8 / 16 | 0.6% / 89.3% / 99.3% / 99.6% | -                                   | rises with steps, beyond T |
-  | 10-13 givens: solved (RRN at step T=8)           | 76.0%                        | RN 0.0% / MLP 0.0% / prop. 97.9%    | RN 0% (9x9, 17 givens)     |
-  | 10-13 givens: blank-cell acc (step T)            | 94.7%                        | RN 43.4% / MLP 60.1% / prop. 98.6%  | -                          |
-  | 10-13 givens: RRN solved at steps 1 / 4 / 8 / 16 | 0.0% / 21.2% / 76.0% / 88.0% | -                                   | -                          |
+  | 14-22 givens: solved (RRN at step T=8)           | 98.8%                        | RN 1.1% / MLP 6.7% / prop. 100.0%   | RRN 96.6% (9x9, 17 givens) |
+  | 14-22 givens: blank-cell acc (step T)            | 99.7%                        | RN 65.7% / MLP 77.5% / prop. 100.0% | -                          |
+  | 14-22 givens: RRN solved at steps 1 / 4 / 8 / 16 | 0.9% / 87.7% / 98.8% / 99.5% | -                                   | rises with steps, beyond T |
+  | 10-13 givens: solved (RRN at step T=8)           | 73.3%                        | RN 0.0% / MLP 0.0% / prop. 97.9%    | RN 0% (9x9, 17 givens)     |
+  | 10-13 givens: blank-cell acc (step T)            | 94.2%                        | RN 43.5% / MLP 60.1% / prop. 98.6%  | -                          |
+  | 10-13 givens: RRN solved at steps 1 / 4 / 8 / 16 | 0.0% / 19.1% / 73.3% / 87.7% | -                                   | -                          |
   CLAIM HOLDS: the RRN solves most Sudokus that a one-step RN and an MLP cannot, more steps help and running 2x
   the trained steps does not diverge, and it transfers to harder puzzles (all 6 checks hold).
-  Seeds 1 / 2: RRN solved at T (14-22 givens) 98.7% / 98.8%, RN 1.6% / 0.7%, MLP 7.2% / 6.4%; step 1 0.7% / 0.9%;
+  (With one thread seed 0 gives 99.3%, RN 1.0%, 2T on 10-13 givens 88.0%: thread count moves the last digits.)
+  Seeds 1 / 2 (one thread each): RRN solved at T (14-22 givens) 98.7% / 98.8%, RN 1.6% / 0.7%, MLP 7.2% / 6.4%; step 1 0.7% / 0.9%;
   at 2T 99.4% / 99.7%; 10-13 givens at T -> 2T 69.4% -> 85.3% / 75.4% -> 87.5%, MLP 0% / 0%: all checks hold.
-  (RRN 1000 updates, RN 1500, MLP 6000; 1377-1587 s of wall time with three seeds running at once on a 2-core
-  box at load ~7; the lead measures the clean time.)
+  (RRN 1000 updates, RN 1500, MLP 6000.)
 
 Implementation details:
   1. Graph (Sec. 3): one node per cell; edge i -> j iff i != j share a row, a column or a box: 2(N-1) +
