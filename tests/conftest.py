@@ -43,3 +43,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_causal_attention_paths_agree(module, shape=(2, 3, 17, 8)) -> None:
+    """module.attention_fused == module.attention_reference for causal softmax attention (q, k, v) -> out:
+    outputs and gradients in float64 on an odd sequence length, at tight tolerances."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out_ref, out_fused = module.attention_reference(q, k, v), module.attention_fused(q, k, v)
+    torch.testing.assert_close(out_fused, out_ref, atol=1e-12, rtol=1e-10)
+    g = torch.randn_like(out_ref)
+    for a, b in zip(torch.autograd.grad(out_fused, (q, k, v), g), torch.autograd.grad(out_ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
