@@ -160,6 +160,96 @@ def test_propagation_only_places_forced_digits():
     assert m.propagate(hand, 3, 3) == grids[0].tolist()
 
 
+# ------------------------------------------------------------------------------------------- Pretty-CLEVR
+def test_messages_with_edge_features_fused_equal_reference():
+    torch.manual_seed(0)
+    H, D = 5, 3
+    f = m.mlp(2 * H + D, 7, H, 2).double()
+    nbr = torch.tensor([[i for i in range(8) if i != j] for j in range(8)])
+    h0, edge0 = torch.randn(4, 8, H, dtype=torch.float64), torch.randn(4, 8, 7, D, dtype=torch.float64)
+    outs, grads = [], []
+    for fn in (m.messages_reference, m.messages_fused):
+        h, edge = h0.clone().requires_grad_(True), edge0.clone().requires_grad_(True)
+        out = fn(h, f, nbr, edge)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.sin().sum(), [h, edge, *f.parameters()]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for ga, gb in zip(*grads):
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)
+    # by hand: node 2 receives f([h_i ; h_2 ; e]) from every other node i, e the feature of edge i -> 2
+    by_hand = sum(f(torch.cat([h0[1, i], h0[1, 2], edge0[1, 2, k]])) for k, i in enumerate(nbr[2].tolist()))
+    torch.testing.assert_close(outs[0][1, 2], by_hand)
+
+
+def test_scene_model_same_weights_both_paths_and_edge_is_the_distance():
+    args = replace(m.PRESETS["smoke"], clevr_hidden=6, mlp_layers=2)
+    scenes = m.Scenes(np.random.default_rng(0), 5, 0.1)
+    obj, dist, qn, ans, _ = (torch.as_tensor(a) for a in scenes.questions(np.random.default_rng(1), 6))
+    models = []
+    for fn in (m.messages_reference, m.messages_fused):
+        torch.manual_seed(0)
+        models.append(m.SceneRRN(args, fn).double())
+    logits = [mod(obj.double(), dist.double(), qn.double(), 4) for mod in models]
+    assert logits[0].shape == (4, 6, 16)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-10, atol=1e-10)
+    grads = [torch.autograd.grad(m.step_loss(lg, ans), list(mod.parameters())) for lg, mod in zip(logits, models)]
+    for ga, gb in zip(*grads):
+        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-10)
+    pos = obj[..., :2].double()
+    torch.testing.assert_close(dist.double(), torch.cdist(pos, pos), rtol=1e-5, atol=1e-6)
+
+
+def test_scenes_have_each_colour_and_shape_once_and_spaced_objects():
+    pos, colour, shape = m.clevr_scenes(np.random.default_rng(0), 200, 0.15)
+    assert (np.sort(colour, 1) == np.arange(8)).all() and (np.sort(shape, 1) == np.arange(8)).all()
+    d = np.linalg.norm(pos[:, :, None] - pos[:, None], axis=-1) + 9 * np.eye(8)
+    assert d.min() > 0.15 and pos.min() >= 0 and pos.max() <= 1
+
+
+def test_greedy_paths_match_a_plain_loop():
+    """path[s, a, n]: walk from a, each time to the closest object not visited yet (written out per scene)."""
+    pos, _, _ = m.clevr_scenes(np.random.default_rng(1), 30, 0.1)
+    path = m.greedy_paths(pos)
+    for s in range(30):
+        for a in range(8):
+            walk = [a]
+            while len(walk) < 8:
+                here = pos[s, walk[-1]]
+                rest = [o for o in range(8) if o not in walk]
+                walk.append(min(rest, key=lambda o: float(np.hypot(*(pos[s, o] - here)))))
+            assert path[s, a].tolist() == walk
+
+
+def test_questions_answer_the_other_attribute_of_the_object_reached():
+    scenes = m.Scenes(np.random.default_rng(2), 10, 0.1)
+    rng = np.random.default_rng(3)
+    obj, dist, qn, ans, n = scenes.questions(rng, 300)
+    colour, shape = obj[:, :, 2:10].argmax(-1), obj[:, :, 10:18].argmax(-1)  # (300,8) read back from the input
+    for b in range(300):
+        anchor, jumps = int(qn[b, :16].argmax()), int(qn[b, 16:].argmax())
+        assert jumps == n[b]
+        start = int(np.flatnonzero(colour[b] == anchor)[0]) if anchor < 8 else int(
+            np.flatnonzero(shape[b] == anchor - 8)[0])
+        here, seen = start, {start}
+        for _ in range(jumps):  # closest unvisited object, by the distances given to the model
+            here = min((o for o in range(8) if o not in seen), key=lambda o: dist[b, here, o])
+            seen.add(here)
+        assert ans[b] == (8 + shape[b, here] if anchor < 8 else colour[b, here])
+    test = m.clevr_test_set(replace(m.Args(), clevr_test=5))
+    assert (np.bincount(test[4]) == 5).all()  # every jump count 0..7 equally often
+
+
+def test_clevr_only_run_gates_on_its_own_checks(tmp_path):
+    record = m.main(replace(m.PRESETS["smoke"], task="clevr", out_dir=str(tmp_path)))
+    assert set(record["results"]) == {"clevr_rrn", "clevr_rn", "clevr_mlp"}
+    assert len(record["claim"]["checks"]) == 2 and record["key"]["method"] == "clevr_rrn"
+    good = {"clevr_rrn": {"acc_j0": 1.0, "acc_j2plus": 0.6}, "clevr_rn": {"acc_j0": 0.95, "acc_j2plus": 0.3},
+            "clevr_mlp": {"acc_j0": 0.92, "acc_j2plus": 0.45}}
+    assert m.judge(m.Args(), good)["passed"] is True
+    good["clevr_mlp"]["acc_j2plus"] = 0.55
+    assert m.judge(m.Args(), good)["passed"] is False
+
+
 # ------------------------------------------------------------------------------------------- the paper's csv files
 def write_csv(path, grids, n=3):
     lines = ["quizzes,solutions"]
@@ -209,6 +299,8 @@ def test_malformed_data_dir_exits_2(tmp_path):
 @pytest.mark.parametrize("flags, word", [
     (["--steps", "1"], "--steps"),
     (["--train-givens", "20", "14"], "--train-givens"),
+    (["--clevr-min-dist", "0.5"], "--clevr-min-dist"),
+    (["--task", "clevr", "--data-dir", "."], "Pretty-CLEVR"),
 ])
 def test_bad_arguments_exit_2_with_one_sentence(flags, word):
     assert_usage_error(run_script(SLUG, "--preset", "smoke", *flags), word)
