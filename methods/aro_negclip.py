@@ -45,7 +45,10 @@ see "What reproduces" below.
     | Rel: share of tied cases   | 0       | 0     | 0       |                      |
     | Attr: share of tied cases  | 0       | 0     | 0       |                      |
     CLAIM DOES NOT HOLD (1 of 7 checks passes: NegCLIP keeps CLIP-FT's retrieval)
-    Seeds 1 and 2 (one thread each, side by side), NegCLIP / CLIP / CLIP-FT: SEEDS12
+    Seeds 1 and 2 (one thread each, side by side), NegCLIP / CLIP / CLIP-FT: Rel 0.572 / 0.560 / 0.557 and
+    0.652 / 0.598 / 0.599; Attr 0.935 / 0.919 / 0.925 and 0.895 / 0.881 / 0.884; Order 0.370 / 0.373 / 0.391 and
+    0.376 / 0.346 / 0.372; i2t R@1 0.436 / 0.376 / 0.393 and 0.420 / 0.374 / 0.391. Claim: DOES NOT HOLD for either
+    (1 of 7 checks, the same one).
     The card's configuration (towers of depth 3, 12-13 min alone on this CPU, measured by the helper that wrote
     this file only on a busy box) gave the same verdict on seeds 0, 1, 2 (1 of 7 checks): Rel 0.589 / 0.531 /
     0.524, 0.577 / 0.532 / 0.520 and 0.657 / 0.576 / 0.562; Attr 0.93-0.94 for all; Order 0.34-0.35 / 0.30-0.35 /
