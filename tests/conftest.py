@@ -36,6 +36,13 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     assert line.startswith("error:") and all(w.lower() in line.lower() for w in words), line
 
 
+def without_timing(results: dict) -> dict:
+    """results[model][metric] without wall-clock entries (training seconds, ms per step): identical runs differ
+    only there, so determinism tests compare the rest."""
+    clock = lambda name: name.endswith("train_s") or "ms_per" in name  # noqa: E731
+    return {k: {mk: v for mk, v in r.items() if not clock(mk)} for k, r in results.items()}
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -11,25 +11,21 @@ import pytest
 import torch
 
 import shared
-from conftest import assert_usage_error, load, run_script
+from conftest import assert_usage_error, load, run_script, without_timing
 
 m = load("mist")
-
-
-def numbers(record: dict) -> dict:
-    """Results without wall-clock timings (those differ between runs)."""
-    return {k: {mk: v for mk, v in r.items() if "ms_per" not in mk} for k, r in record["results"].items()}
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
     args = replace(m.PRESETS["smoke"], out_dir=str(tmp_path))
     first, second = m.main(args), m.main(args)
-    assert numbers(first) == numbers(second)
+    assert without_timing(first["results"]) == without_timing(second["results"])
     assert first["history"] == second["history"]
     other = m.main(replace(args, seed=1))
     assert other["history"][-1]["train/loss"] != first["history"][-1]["train/loss"]
-    assert numbers(other)["MIST"]["imd_mse"] != numbers(first)["MIST"]["imd_mse"]
-    assert numbers(other)["KSG"] == numbers(first)["KSG"]  # the test sets and the baselines do not depend on --seed
+    a, b = without_timing(first["results"]), without_timing(other["results"])
+    assert b["MIST"]["imd_mse"] != a["MIST"]["imd_mse"]
+    assert b["KSG"] == a["KSG"]  # the test sets and the baselines do not depend on --seed
 
 
 @pytest.mark.parametrize("tq", [1, 17])  # PMA-like (few queries) and self-attention shapes

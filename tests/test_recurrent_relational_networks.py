@@ -10,21 +10,17 @@ import pytest
 import torch
 
 import shared
-from conftest import assert_usage_error, load, run_script
+from conftest import assert_usage_error, load, run_script, without_timing
 
 m = load("recurrent_relational_networks")
 SLUG = "recurrent_relational_networks"
-
-
-def strip_timing(results):
-    return {k: {kk: vv for kk, vv in v.items() if kk != "train_s"} for k, v in results.items()}
 
 
 # ------------------------------------------------------------------------------------------- determinism
 def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
     smoke = replace(m.PRESETS["smoke"], out_dir=str(tmp_path))
     a, b = m.main(smoke), m.main(smoke)
-    assert strip_timing(a["results"]) == strip_timing(b["results"])
+    assert without_timing(a["results"]) == without_timing(b["results"])
     assert a["history"] == b["history"]
     c = m.main(replace(smoke, seed=1))
     assert c["history"] != a["history"]  # the seed reaches the weights, the pool and the stream

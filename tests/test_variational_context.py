@@ -11,21 +11,17 @@ import pytest
 import torch
 
 import shared
-from conftest import assert_usage_error, load, run_script
+from conftest import assert_usage_error, load, run_script, without_timing
 
 SLUG = "variational_context"
 m = load(SLUG)
-
-
-def drop_timing(results):
-    return {k: {mk: v for mk, v in r.items() if mk != "train_s"} for k, r in results.items()}
 
 
 # ---- determinism --------------------------------------------------------------------------------------------------
 def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
     args = replace(m.PRESETS["smoke"], out_dir=str(tmp_path))
     first, again = m.main(args), m.main(args)
-    assert drop_timing(first["results"]) == drop_timing(again["results"])
+    assert without_timing(first["results"]) == without_timing(again["results"])
     assert first["history"] == again["history"]
     other = m.main(replace(args, seed=1))
     assert other["history"] != first["history"]
