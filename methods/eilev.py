@@ -576,6 +576,7 @@ class MHA(nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, S, W))  # (B, S, W)
 
 
+# DEVIATION: pre-LayerNorm blocks in the Q-Former and the LM (BERT and OPT differ in details; docstring 4)
 class QFormerLayer(nn.Module):
     """Self-attention over the learned queries, cross-attention to the clip's frame tokens, MLP (pre-LN)."""
 
