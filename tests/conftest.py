@@ -1,8 +1,10 @@
 """Helpers every test file uses: import a method file by slug, run a script the way a user does."""
 
 import importlib.util
+import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,20 @@ def without_timing(results: dict) -> dict:
     only there, so determinism tests compare the rest."""
     clock = lambda name: name.endswith("train_s") or "ms_per" in name  # noqa: E731
     return {k: {mk: v for mk, v in r.items() if not clock(mk)} for k, r in results.items()}
+
+
+def smoke_determinism(module, tmp_path, **overrides):
+    """Run the smoke preset twice and once more with seed 1. Asserts the two same-seed runs agree (timing aside), the
+    headline number is a finite float and the claim verdict a bool; returns (first, again, other) for the file's own
+    checks that another seed changes the numbers."""
+    smoke = replace(module.PRESETS["smoke"], out_dir=str(tmp_path), **overrides)
+    first, again = module.main(smoke), module.main(smoke)
+    assert without_timing(first["results"]) == without_timing(again["results"])
+    key = first["key"]
+    value = first["results"][key["method"]][key["metric"]]
+    assert isinstance(value, float) and math.isfinite(value)
+    assert isinstance(first["claim"]["passed"], bool)
+    return first, again, module.main(replace(smoke, seed=1))
 
 
 def pytest_collection_modifyitems(config, items):
