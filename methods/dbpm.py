@@ -78,8 +78,8 @@ Implementation details:
 Deviations from the paper:
   1. CPU scale: a small ResNet1D (stem k7 to 16 channels, 3 BasicBlocks 16/32/64 each with stride 2, global average
      pooling, fc -> 128; head 128-256-128), B = 256, Adam 1e-3, 40 epochs with 20 warm-up (paper: ResNet1D-34,
-     B = 512, lr 3e-4, 80 epochs with 50 warm-up; the card's CPU plan had 32/64/128 channels, halved here so that the
-     three pretraining runs fit the time budget). `--preset paper` restores the paper's scale.
+     B = 512, lr 3e-4, 80 epochs with 50 warm-up; the card's CPU plan had 32/64/128 channels, halved while the
+     runs were timed on a busy box; alone the default takes 133 s, so the card's widths may fit too: not measured). `--preset paper` restores the paper's scale.
   2. MNIST-1D with planted bad pairs instead of PTB-XL / HAR / Sleep-EDF / Epilepsy; `--data-dir` reads the TS-TCC
      `train.pt` / `test.pt` format of those benchmarks.
   3. Augmentations scaled down for standardised 40-step series: scaling sigma 0.2, jitter 0.2, 2-5 segments (official
@@ -150,6 +150,7 @@ class Args:
     """how much of the original series a noisy series keeps"""
     noise_scale: float = 2.0
     """amplitude of the fixed smooth noise pattern xi of a noisy series"""
+    # DEVIATION: augmentation magnitudes scaled down for standardised 40-step series (official ECG: 1.1, 0.8, 2-8)
     scale_sigma: float = 0.2
     """weak view: x times a per-channel factor N(1, scale_sigma^2)"""
     jitter_sigma: float = 0.2
