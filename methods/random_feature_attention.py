@@ -21,7 +21,7 @@ Reproduces: the sample-complexity curves (test error vs number of training sampl
 learns the pairwise-linear target while RF-MLP does not; BRFA learns the degree-2 target where zero-mean RFA does
 not; BRFA's error grows with the target's complexity; every curve falls with n. d=8, N=8, M=200 heads, n <= 4000.
 
-Run:  python methods/random_feature_attention.py                     # default: CPU, ~2 min on 2 cores
+Run:  python methods/random_feature_attention.py                     # default: CPU, ~1.3 min on 2 quiet cores
       python methods/random_feature_attention.py --preset smoke      # seconds, same code path
       python methods/random_feature_attention.py --preset paper --device cuda   # d=16, N=16, M=1000, n <= 16000
       python methods/random_feature_attention.py --attn reference    # literal per-head attention (slow)
@@ -29,36 +29,35 @@ Run:  python methods/random_feature_attention.py                     # default: 
       python methods/random_feature_attention.py --bias-c 4          # the BRFA mean scale c (also swept in the run)
       python methods/random_feature_attention.py --help
 
-Expected (default preset, seed 0; 194 s of 1-thread CPU time, about 2 min on a quiet 2-core CPU (estimate; the run
-took 44 min of wall time on the shared, heavily loaded box). Normalised test error MSE / Var(y), mean of 4 repeats;
-d=8, N=8, M=200 heads, RF-MLP with 1800 features):
+Expected (default preset, seed 0: 78 s on a quiet 2-core CPU, 2 threads. Normalised test error MSE / Var(y), mean of
+4 repeats; d=8, N=8, M=200 heads, RF-MLP with 1800 features):
     | metric     | RFA (method) | BRFA c=2 | RF-MLP (baseline) | RFA softmax | paper (qualitative)   |
     |------------|--------------|----------|-------------------|-------------|-----------------------|
-    | lin n=250  | 0.3289       | 0.08207  | 1.009             | 1.027       |                       |
-    | lin n=500  | 0.1359       | 0.04649  | 1.001             | 1.014       |                       |
-    | lin n=1000 | 0.06471      | 0.02915  | 0.9993            | 1.004       |                       |
+    | lin n=250  | 0.3289       | 0.08207  | 1.008             | 1.021       |                       |
+    | lin n=500  | 0.1359       | 0.04649  | 1.001             | 1.01        |                       |
+    | lin n=1000 | 0.06471      | 0.02915  | 1                 | 1.003       |                       |
     | lin n=2000 | 0.04173      | 0.01997  | 0.9337            | 1.002       |                       |
-    | lin n=4000 | 0.0257       | 0.01293  | 0.8483            | 1.003       | RFA << RF-MLP         |
-    | he2 n=250  | 1.032        | 0.8856   | 1.053             | 1.028       |                       |
-    | he2 n=500  | 1.027        | 0.4459   | 1.01              | 1.017       |                       |
-    | he2 n=1000 | 1.007        | 0.2939   | 1.008             | 1.01        |                       |
-    | he2 n=2000 | 1.002        | 0.2089   | 1.003             | 1.004       |                       |
-    | he2 n=4000 | 1.002        | 0.1424   | 1.004             | 1.004       | BRFA < RFA            |
-    | he3 n=250  | 1.027        | 0.9613   | 1.052             | 1.03        |                       |
-    | he3 n=500  | 1.042        | 0.9286   | 1.025             | 1.009       |                       |
-    | he3 n=1000 | 0.9804       | 0.8448   | 1.004             | 1.004       |                       |
+    | lin n=4000 | 0.0257       | 0.01293  | 0.8483            | 1.002       | RFA << RF-MLP         |
+    | he2 n=250  | 1.03         | 0.8856   | 1.008             | 1.024       |                       |
+    | he2 n=500  | 1.025        | 0.4459   | 1.008             | 1.014       |                       |
+    | he2 n=1000 | 1.006        | 0.2939   | 1.006             | 1.007       |                       |
+    | he2 n=2000 | 1.002        | 0.2089   | 1.003             | 1.002       |                       |
+    | he2 n=4000 | 1.003        | 0.1424   | 1.004             | 1.004       | BRFA < RFA            |
+    | he3 n=250  | 1.028        | 0.9613   | 1.051             | 1.025       |                       |
+    | he3 n=500  | 1.043        | 0.9286   | 1.024             | 1.004       |                       |
+    | he3 n=1000 | 0.9821       | 0.8448   | 1.003             | 1.003       |                       |
     | he3 n=2000 | 0.9644       | 0.6822   | 1.002             | 1.002       |                       |
-    | he3 n=4000 | 0.9371       | 0.545    | 1.003             | 1.004       | harder (higher error) |
-    | cos n=250  | 1.012        | 0.9923   | 1.134             | 1.015       |                       |
-    | cos n=500  | 1.012        | 0.8113   | 1.003             | 1.011       |                       |
-    | cos n=1000 | 1.003        | 0.6911   | 1.001             | 1.005       |                       |
-    | cos n=2000 | 1            | 0.5481   | 1                 | 1.001       |                       |
+    | he3 n=4000 | 0.9371       | 0.545    | 1.002             | 1.004       | harder (higher error) |
+    | cos n=250  | 1.008        | 0.9957   | 1.005             | 1.009       |                       |
+    | cos n=500  | 1.01         | 0.8113   | 1.002             | 1.008       |                       |
+    | cos n=1000 | 1.002        | 0.6911   | 1.001             | 1.002       |                       |
+    | cos n=2000 | 1            | 0.5481   | 1                 | 1           |                       |
     | cos n=4000 | 1            | 0.4688   | 1                 | 1.001       | harder                |
 
     BRFA mean scale c (W_m = c [[I,0],[0,0]] + Z_m), test error at n=4000
     | c   | lin     | he2    | he3    | cos    |
     |-----|---------|--------|--------|--------|
-    | 0   | 0.0257  | 1.002  | 0.9371 | 1      |
+    | 0   | 0.0257  | 1.003  | 0.9371 | 1      |
     | 0.5 | 0.01772 | 0.7696 | 0.9278 | 0.9701 |
     | 1   | 0.01233 | 0.301  | 0.8993 | 0.7188 |
     | 2   | 0.01293 | 0.1424 | 0.545  | 0.4688 |
@@ -67,24 +66,26 @@ d=8, N=8, M=200 heads, RF-MLP with 1800 features):
     Length shift: fitted with N=8 keys, tested with other N (n=4000); RF-MLP cannot take them
     | model       | lin N=8 | lin N=4 | lin N=16 | he2 N=8 | he2 N=4 | he2 N=16 |
     |-------------|---------|---------|----------|---------|---------|----------|
-    | RFA         | 0.0257  | 0.02355 | 0.02538  | 1.002   | 0.9936  | 0.9979   |
+    | RFA         | 0.0257  | 0.02355 | 0.02538  | 1.003   | 0.9936  | 0.9976   |
     | BRFA c=2    | 0.01293 | 0.01146 | 0.01283  | 0.1424  | 0.1312  | 0.1449   |
-    | RFA softmax | 1.003   | 1.001   | 1.004    | 1.004   | 0.9994  | 1.002    |
+    | RFA softmax | 1.002   | 1       | 1.004    | 1.004   | 0.9989  | 1.001    |
 
-    CLAIM HOLDS: at n=4000: RFA learns the pairwise-linear target that RF-MLP (same number of weights) cannot;
-    mean-shifted BRFA learns the degree-2 target that zero-mean RFA cannot; sample-complexity curves fall with n
-    (all checks below)
+    CLAIM HOLDS: at n=4000: RFA learns the pairwise-linear target that RF-MLP (same number of weights) cannot; mean-
+    shifted BRFA learns the degree-2 target that zero-mean RFA cannot; sample-complexity curves fall with n (all
+    checks below)
       [x] a. RFA learns lin: error 0.0257 <= 0.1 and <= 0.1 x RF-MLP's 0.848
       [x] b. BRFA learns he2: error 0.142 <= 0.3 and <= 0.3 x zero-mean RFA's 1
       [x] c. BRFA error grows with complexity: lin 0.0129 < he2 0.142 < he3 0.545
       [x] d. RFA, BRFA, RF-MLP errors non-increasing in n within 5% (worst ratio 1.015)
 
-    Seeds 1 and 2 (same code, 190 s / 191 s of CPU time): checks a, b, c hold for both (RFA lin 0.0269 / 0.0243 vs
-    RF-MLP 0.880 / 0.863; BRFA he2 0.138 / 0.138 vs RFA 0.999 / 1.00; BRFA lin 0.0125 / 0.012 < he2 < he3 0.541 /
-    0.540). Check d holds for seed 2 (worst ratio 1.006) but FAILS for seed 1: the RF-MLP baseline's lin error rises
-    from 1.025 at n=500 to 1.167 at n=1000 (ratio 1.138): near its interpolation threshold (800 fitting rows, 1800
-    features) the 200 validation rows picked lambda = 1 in 2 of 4 repeats (test error 1.31 / 1.33), where the
-    largest grid value, 100, gives 1.00. So the claim, as the card words it, holds for 2 of 3 seeds (0 and 2).
+    Seeds 1 and 2 (same code, 1 thread each, 130 s of CPU time each): checks a, b, c hold for both (RFA lin 0.0269 /
+    0.0243 vs RF-MLP 0.880 / 0.863; BRFA he2 0.138 / 0.138 vs RFA 0.999 / 1.00; BRFA lin 0.0125 / 0.012 < he2 < he3
+    0.541 / 0.540). Check d holds for seed 2 (worst ratio 1.006) but FAILS for seed 1 (worst ratio 1.140): the RF-MLP
+    BASELINE's lin error rises from 1.024 at n=500 to 1.167 at n=1000, near its interpolation threshold (800 fitting
+    rows, 1800 features), where the 200 validation rows picked lambda = 1 in 2 of 4 repeats (test error 1.31 / 1.33)
+    although a large lambda gives 1.00. Widening the ridge grid from 1e2 to 1e4 (so the mean predictor is always in
+    reach) did not change that choice. So the claim, as the card words it, holds for 2 of 3 seeds (0 and 2); the
+    method-side checks (a, b, c) hold on all three.
     NOTE on the softmax ablation (not in the paper): softmax cancels every query-only term of the score (it is the
     same for all keys) and its weights sum to 1, which leaves no term linear in both x_0 and the keys: it stays at
     the mean predictor (~1.0) on every target here, consistent with the paper's choice of ReLU with a 1/N average.
