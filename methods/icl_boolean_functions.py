@@ -111,7 +111,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

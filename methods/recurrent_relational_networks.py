@@ -1028,7 +1028,7 @@ def plot(path: Path, args: Args, curves: dict, by_givens: dict, history: dict) -
     a.set(xlabel="update", ylabel="train loss (mean over steps)", yscale="log", title="training")
     a.legend(fontsize=8)
     N = args.box_rows * args.box_cols
-    fig.suptitle(f"Recurrent Relational Networks: " + " and ".join(
+    fig.suptitle("Recurrent Relational Networks: " + " and ".join(
         (["Pretty-CLEVR"] if clevr else []) + ([f"{N}x{N} Sudoku"] if sudoku else [])) + f" (seed {args.seed})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
