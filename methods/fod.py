@@ -160,7 +160,7 @@ class Args:
     """transformer width per feature level (fine, coarse)"""
     n_layers: int = 2
     """I2Correlation layers per model"""
-    heads: int = 2
+    heads: int = 4
     """attention heads"""
     epochs: int = 12
     """passes over the training images"""

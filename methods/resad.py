@@ -13,7 +13,7 @@ anomalies of the training classes with boundary-guided flow losses.
 Reproduces: trained on 5 procedural families (weave, checker, wood, nut, bolt) with planted defects, tested 4-shot on
 3 unseen families (grain, dots, pill). The transfer claim HOLDS: the pipeline on residual features beats the identical
 pipeline on initial (raw) features by +0.22 to +0.28 image AUROC (seeds 0-2). The card's absolute CPU targets DO NOT
-HOLD: ResAD++ reaches image AUROC 0.69-0.76 (target 0.85) and pixel AUROC 0.78-0.86 (target 0.90), and does not beat
+HOLD: ResAD++ reaches image AUROC 0.70-0.76 (target 0.85) and pixel AUROC 0.78-0.86 (target 0.90), and does not beat
 a training-free PatchCore-style 4-shot nearest-neighbour scorer (0.77 / 0.87) on the frozen random-CNN features used
 here; the ResAD (NeurIPS) variant scores about the same as ResAD++ (0.72-0.80 image AUROC).
 

@@ -17,7 +17,7 @@ rendered from the 20 dodecahedron cameras at 32x32 px, VSFormer's 20-view accura
 and 10+ points above a single-view CNN; its logits are invariant to the view order (< 1e-5); trained with 20 views,
 it loses at most 6 points when tested on a random 6-view subset; the fused and reference attention paths agree.
 In the CPU default the stage-1 CNN is frozen in stage 2, so the comparison is between aggregators of the same view
-features (deviation 2). Holds for seeds 0, 1 and 2 (VSFormer 0.993-0.998 vs MVCNN max 0.950-0.952).
+features (deviation 2). Holds for seeds 0, 1 and 2 (VSFormer 0.993-0.998 vs MVCNN max 0.948-0.952).
 
 Run:
     python methods/vsformer.py                                   # default preset (CPU, ~65 s on 2 quiet cores)
