@@ -70,9 +70,9 @@ Expected (default preset, seed 0: 78 s on a quiet 2-core CPU, 2 threads. Normali
     | BRFA c=2    | 0.01293 | 0.01146 | 0.01283  | 0.1424  | 0.1312  | 0.1449   |
     | RFA softmax | 1.002   | 1       | 1.004    | 1.004   | 0.9989  | 1.001    |
 
-    CLAIM HOLDS: at n=4000: RFA learns the pairwise-linear target that RF-MLP (same number of weights) cannot; mean-
-    shifted BRFA learns the degree-2 target that zero-mean RFA cannot; sample-complexity curves fall with n (all
-    checks below)
+    CLAIM HOLDS: at n=4000: RFA learns the pairwise-linear target that RF-MLP (same number of weights) cannot;
+    mean-shifted BRFA learns the degree-2 target that zero-mean RFA cannot; sample-complexity curves fall with n
+    (all checks below)
       [x] a. RFA learns lin: error 0.0257 <= 0.1 and <= 0.1 x RF-MLP's 0.848
       [x] b. BRFA learns he2: error 0.142 <= 0.3 and <= 0.3 x zero-mean RFA's 1
       [x] c. BRFA error grows with complexity: lin 0.0129 < he2 0.142 < he3 0.545
