@@ -542,7 +542,7 @@ def detection(flags: Optional[torch.Tensor], planted: torch.Tensor) -> tuple:
 def run_bench(args: Args, device: torch.device) -> list[dict]:
     """At the default's shapes (N, B, E): per-pair loop vs batched loss; dict-of-lists vs tensor memory and weights."""
     shared.seed_everything(args.seed)
-    N, B, E = (8000, args.batch_size, args.epochs) if args.preset != "smoke" else (200, args.batch_size, args.epochs)
+    N, B, E = int(0.8 * args.num_samples), args.batch_size, args.epochs  # N = the generated training set (80%)
     e = max(args.warm_epochs, 1)
     g = torch.Generator().manual_seed(args.seed)
     z1, z2 = (torch.randn(B, args.head_out, generator=g).to(device).requires_grad_() for _ in range(2))
