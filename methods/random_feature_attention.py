@@ -515,6 +515,7 @@ def main(args: Args) -> dict:
         return RandomFeatureMLP(args.heads * (args.d + 1), args.n_keys, args.d, device)
 
     # name -> (builder(seed), training sizes, test the length shift?)
+    # DEVIATION: "RFA softmax" and the length shift are our additions, not experiments of the paper (docstring 4)
     runs = {"RFA": (lambda s: rfa(s, 0.0), args.n_train, True),
             f"BRFA c={c:g}": (lambda s: rfa(s, c), args.n_train, True),
             "RF-MLP": (rf_mlp, args.n_train, False),

@@ -33,7 +33,7 @@ Run:  python methods/sgfd.py                                  # default: CPU, th
       python methods/sgfd.py --help
 
 Expected (default preset, seed 0: 96 s on a quiet 2-core CPU, 2 threads; RL amplifies floating-point differences, so
-the thread count alone changes these numbers -- compare the helper's 1-thread seed-0 run and seeds 1-2 below):
+the thread count alone changes these numbers -- compare the 1-thread seed-0 run and seeds 1-2 below):
     | metric                            | SGFD (method)        | SAC+DrQ (baseline) | paper               |
     |-----------------------------------|----------------------|--------------------|---------------------|
     | train envs E0-E3: distance        | 0.1131               | 0.1392             | (DMC return)        |
@@ -64,7 +64,7 @@ the thread count alone changes these numbers -- compare the helper's 1-thread se
     three seeds: learning and spread hold, the classifier stops near the official 0.8 gate (0.80-0.83 < 0.9), the
     weights cut L_B by 16-20% (< 30%), the saliency check holds on 2 of 3 seeds by a small margin; the generalisation
     comparison goes either way (SGFD better on seeds 0 and 2, worse on seed 1), as expected of 2,000 steps.
-    A 1-thread seed-0 run (the helper's) gave classifier 0.844, probe 0.506 vs 0.355, L_B -26.5%, T_swap+T_extrap
+    A 1-thread seed-0 run gave classifier 0.844, probe 0.506 vs 0.355, L_B -26.5%, T_swap+T_extrap
     0.232 vs 0.187: the same verdict.
 
 Implementation details:
@@ -549,6 +549,7 @@ class Agent:
         a, alpha = self.args, self.log_alpha.exp().detach()
         obs, aug = batch["obs"], random_shift(batch["obs"], a.pad)  # (B, 3, H, W) x2
         B = obs.shape[0]
+        # DEVIATION: no AMBS behavioural-similarity encoder loss (the official base agent adds one; docstring 3)
         # --- critic (unweighted), DrQ: target averaged over plain and shifted next obs, loss on both halves
         V = a.critic_views
         target = batch["reward"].repeat(V, 1)  # (V*B, 1)

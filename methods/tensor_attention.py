@@ -37,7 +37,7 @@ Run:
     python methods/tensor_attention.py --help
 
 Expected (default preset, seed 0: 61 s on a quiet 2-core CPU, 2 threads; the timings are from that quiet run; seeds
-1 and 2 below ran with 1 thread each on a busy box):
+1 and 2 below ran with 1 thread each):
     Max relative error of the polynomial method vs exact tensor attention, n=64, d=4; cuberoot(ln n) = 1.61 (card's calibration in brackets)
     | B   | B^3   | g=4 (r=70)        | g=8 (r=495)       | g=12 (r=1820)     |
     |-----|-------|-------------------|-------------------|-------------------|
