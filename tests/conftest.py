@@ -24,10 +24,11 @@ def load(slug: str):
     return module
 
 
-def run_script(slug: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python methods/<slug>.py ARGS` from the repository root, capturing text output."""
+def run_script(slug: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python methods/<slug>.py ARGS` from the repository root, capturing text output (`env`: the whole
+    environment of the child, default the current one)."""
     cmd = [sys.executable, str(METHODS / f"{slug}.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess, *words: str) -> None:

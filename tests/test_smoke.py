@@ -3,6 +3,9 @@
 import dataclasses
 import json
 import math
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -12,9 +15,30 @@ from conftest import METHODS, load, run_script
 SLUGS = sorted(p.stem for p in METHODS.glob("*.py"))
 
 
+@pytest.fixture(scope="module")
+def smoke_runs(request, tmp_path_factory):
+    """The smoke runs of every slug this session selected, started together, one per core with one thread each.
+    Most of a smoke run is single-threaded (starting python, importing torch), so on two cores this halves the
+    suite's longest part. Returns {slug: (process, its out dir)}."""
+    wanted = sorted({item.callspec.params["slug"] for item in request.session.items
+                     if getattr(item, "originalname", "") == "test_smoke_run_writes_results"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def one(slug):
+        out_dir = tmp_path_factory.mktemp(slug)
+        try:
+            return slug, (run_script(slug, "--preset", "smoke", "--out-dir", out_dir, env=env), out_dir)
+        except subprocess.TimeoutExpired as timeout:  # reported by that slug's test, not by the fixture
+            return slug, (timeout, out_dir)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return dict(pool.map(one, wanted))
+
+
 @pytest.mark.parametrize("slug", SLUGS)
-def test_smoke_run_writes_results(slug, tmp_path):
-    proc = run_script(slug, "--preset", "smoke", "--out-dir", tmp_path)
+def test_smoke_run_writes_results(slug, smoke_runs):
+    proc, tmp_path = smoke_runs[slug]
+    assert not isinstance(proc, subprocess.TimeoutExpired), f"the smoke run took over {proc.timeout} s"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "CLAIM" in proc.stdout  # the closing line says whether the claim holds
     record = json.loads((tmp_path / f"{slug}__smoke__s0.json").read_text())
