@@ -2,11 +2,13 @@
 
 import importlib.util
 import math
+import pickle
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +81,29 @@ def assert_causal_attention_paths_agree(module, shape=(2, 3, 17, 8)) -> None:
     g = torch.randn_like(out_ref)
     for a, b in zip(torch.autograd.grad(out_fused, (q, k, v), g), torch.autograd.grad(out_ref, (q, k, v), g)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def write_pickle(path: Path, obj) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def write_cifar10(folder: Path, n: int = 4, seed: int = 0) -> Path:
+    """A tiny CIFAR-10 folder in the official python-pickle layout (data_batch_1..5, test_batch; b'data' uint8
+    (n, 3072) as R, G, B planes, b'labels' ints 0-9) holding n random images per file."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        write_pickle(folder / name, {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                     b"labels": rng.integers(0, 10, n).tolist()})
+    return folder
+
+
+def spoil(path: Path, obj) -> None:
+    """Make a data file malformed: None deletes it, a str replaces it by that text, anything else is pickled."""
+    if obj is None:
+        path.unlink()
+    elif isinstance(obj, str):
+        path.write_text(obj)
+    else:
+        write_pickle(path, obj)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shared
-from conftest import assert_usage_error, load, run_script, smoke_determinism
+from conftest import assert_usage_error, load, run_script, smoke_determinism, spoil, write_pickle
 
 SLUG = "batchformer"
 m = load(SLUG)
@@ -158,11 +158,6 @@ def test_palette_pairs_share_colours_but_not_shapes():
 
 
 # ---- the CIFAR pickle loader on tiny files written here -------------------------------------------------------------
-def write_pickle(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
 def write_cifar10(folder, per_class=6, n_classes=10, seed=0):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -208,12 +203,7 @@ def test_well_formed_cifar100_format_loads(tmp_path):
 ])
 def test_malformed_cifar_files_name_the_file(tmp_path, broken, obj, words):
     folder = write_cifar10(tmp_path / "c10")
-    if obj is None:
-        (folder / broken).unlink()
-    elif isinstance(obj, str):
-        (folder / broken).write_text(obj)
-    else:
-        write_pickle(folder / broken, obj)
+    spoil(folder / broken, obj)
     with pytest.raises(shared.UsageError) as err:
         m.load_cifar_lt(tiny_args(data_dir=str(folder), n_max=15, imbalance=5.0), seed=0)
     assert all(w.lower() in str(err.value).lower() for w in words), str(err.value)

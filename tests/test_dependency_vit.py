@@ -3,7 +3,6 @@ log-sum-exp the fused path rests on, the transposed normalisation, top-k pruning
 the scene generator's masks, the CIFAR pickle reader on tiny files written here, bad arguments."""
 
 import math
-import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import shared
-from conftest import assert_usage_error, load, run_script, smoke_determinism
+from conftest import assert_usage_error, load, run_script, smoke_determinism, spoil, write_cifar10, write_pickle
 
 m = load("dependency_vit")
 
@@ -194,22 +193,11 @@ def test_shifted_scenes_have_three_larger_objects():
 
 
 # ---- CIFAR-10 pickles written here ----------------------------------------------------------------------------------
-def write_cifar(folder, n=4, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         b"labels": rng.integers(0, 10, n).tolist()}, f)
-    return folder
-
-
 def test_cifar_reader_decodes_the_plane_layout(tmp_path):
     r, g, b = (np.arange(1024, dtype=np.int64) * s % 256 for s in (1, 3, 7))
     row = np.concatenate([r, g, b]).astype(np.uint8)  # 1024 R, then 1024 G, then 1024 B, each row-major 32x32
     path = tmp_path / "test_batch"
-    with open(path, "wb") as f:
-        pickle.dump({b"data": row[None], b"labels": [7]}, f)
+    write_pickle(path, {b"data": row[None], b"labels": [7]})
     x, y = m.read_cifar_pickle(path)
     assert x.shape == (1, 3, 32, 32) and y.tolist() == [7]
     for c, plane in enumerate((r, g, b)):
@@ -218,7 +206,7 @@ def test_cifar_reader_decodes_the_plane_layout(tmp_path):
 
 
 def test_tiny_cifar_folder_loads_and_runs(tmp_path):
-    folder = write_cifar(tmp_path / "cifar-10-batches-py")
+    folder = write_cifar10(tmp_path / "cifar-10-batches-py")
     record = m.main(replace(m.PRESETS["smoke"], data_dir=str(tmp_path), out_dir=str(tmp_path), n_test=3))
     assert set(record["results"]["DependencyViT"]) >= {"test_acc"} and "shift_acc" not in record["results"]["ViT"]
     data = m.load_data(replace(m.PRESETS["smoke"], data_dir=str(folder), n_train=20))
@@ -233,21 +221,15 @@ def test_tiny_cifar_folder_loads_and_runs(tmp_path):
     ("data_batch_5", None, ["data_batch_5", "missing"]),
 ])
 def test_malformed_cifar_files_name_the_file(tmp_path, broken, obj, words):
-    folder = write_cifar(tmp_path / "c10")
-    if obj is None:
-        (folder / broken).unlink()
-    elif isinstance(obj, str):
-        (folder / broken).write_text(obj)
-    else:
-        with open(folder / broken, "wb") as f:
-            pickle.dump(obj, f)
+    folder = write_cifar10(tmp_path / "c10")
+    spoil(folder / broken, obj)
     with pytest.raises(shared.UsageError) as e:
         m.load_data(replace(m.PRESETS["smoke"], data_dir=str(folder)))
     assert all(w.lower() in str(e.value).lower() for w in words), str(e.value)
 
 
 def test_malformed_data_dir_from_the_command_line(tmp_path):
-    folder = write_cifar(tmp_path / "c10")
+    folder = write_cifar10(tmp_path / "c10")
     (folder / "data_batch_3").write_bytes(b"\x00garbage")
     assert_usage_error(run_script("dependency_vit", "--preset", "smoke", "--data-dir", folder, "--out-dir", tmp_path),
                        "data_batch_3")

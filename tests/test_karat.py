@@ -3,7 +3,6 @@ and without the DC term, both inits) and one whole-model check, the maths the fu
 (Z W^T) V = Z (W^T V), rank <= r, the Fourier unit by hand), the parameter bookkeeping of the paper, blockwise vs
 universal sharing, the CIFAR pickle reader on tiny files written here, bad arguments."""
 
-import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import shared
-from conftest import assert_usage_error, load, run_script, smoke_determinism
+from conftest import assert_usage_error, load, run_script, smoke_determinism, spoil, write_cifar10, write_pickle
 
 SLUG = "karat"
 m = load(SLUG)
@@ -146,20 +145,6 @@ def test_diagnostics_see_negative_entries_and_row_sums_not_one():
 
 
 # ---- the CIFAR pickle reader on tiny files written here -------------------------------------------------------------
-def write_pickle(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def write_cifar10(folder, n=4, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        write_pickle(folder / name, {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                                     b"labels": rng.integers(0, 10, n).tolist()})
-    return folder
-
-
 def test_cifar_reader_decodes_the_red_green_blue_plane_layout(tmp_path):
     row = np.zeros(3072, np.uint8)
     row[:1024] = np.arange(1024) % 251  # red plane, row-major: pixel (i, j) at i * 32 + j
@@ -199,12 +184,7 @@ def test_well_formed_cifar10_and_cifar100_load_and_run(tmp_path):
 ])
 def test_malformed_cifar_files_name_the_file(tmp_path, broken, obj, words):
     folder = write_cifar10(tmp_path / "c10")
-    if obj is None:
-        (folder / broken).unlink()
-    elif isinstance(obj, str):
-        (folder / broken).write_text(obj)
-    else:
-        write_pickle(folder / broken, obj)
+    spoil(folder / broken, obj)
     with pytest.raises(shared.UsageError) as err:
         m.build_data(replace(m.PRESETS["smoke"], data_dir=str(folder), patch=4), torch.device("cpu"))
     assert all(w.lower() in str(err.value).lower() for w in words), str(err.value)

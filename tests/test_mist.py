@@ -3,7 +3,6 @@ of the encoders, the closed-form MIs against Monte Carlo / numerical integration
 count and a Gaussian's closed form, CCA against canonical correlations, the pinball loss, the --data-dir loader."""
 
 import math
-import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import shared
-from conftest import assert_usage_error, load, run_script, without_timing
+from conftest import assert_usage_error, load, run_script, without_timing, write_pickle
 
 m = load("mist")
 
@@ -182,11 +181,6 @@ def test_pinball_loss_is_minimised_by_the_quantile():
         losses = torch.stack([m.pinball(q.expand_as(target), target, torch.tensor(tau)) for q in grid])
         best = grid[losses.argmin()].item()
         assert best == pytest.approx(np.quantile(target.numpy(), tau), abs=3e-3)
-
-
-def write_pickle(path, obj):
-    with open(path, "wb") as fh:
-        pickle.dump(obj, fh)
 
 
 def test_data_dir_loads_official_pickles_and_rejects_malformed_ones(tmp_path):
