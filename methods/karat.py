@@ -66,9 +66,10 @@ the float reductions and so the trajectory, see the 1-thread runs below):
       [x] (e) rank of every G3B map <= r = 4 (max 4)
       [x] (b) G3B within 2 points of softmax x120ep (98.3 %)
       [x] (f, soft) G3B >= G3U (blockwise better)
-    With 1 thread (OMP_NUM_THREADS=1, 187-225 s of CPU each), seeds 0 / 1 / 2: test acc G3B 96.94 / 97.50 / 97.50,
+    With 1 thread (OMP_NUM_THREADS=1, 150-225 s of CPU each), seeds 0 / 1 / 2: test acc G3B 96.94 / 97.50 / 97.50,
     softmax 96.11 / 95.56 / 95.83, G3U 95.56 / 97.50 / 96.39, softmax x120ep 98.89 / 98.33 / 97.22; first epoch at
-    >= 90 %: G3B 12 / 13 / 9, softmax 24 / 21 / 25; CPU time per epoch ratio 1.96x / 2.25x / 2.20x. So (a) fails
+    >= 90 %: G3B 12 / 13 / 9, softmax 24 / 21 / 25; CPU time per epoch ratio 1.96x / 2.25x / 2.20x (2.02x / 2.05x
+    when seeds 1 and 2 were rerun two at a time on the quiet machine, same accuracies). So (a) fails
     on all three (+0.8 / +1.9 / +1.7 points), (c) fails on seed 0 only, (b), (d), (e), (f) hold. With 2 threads
     seed 0 is the table above: (a) holds (+2.2), (c) fails (1.79x). Every run misses one check; the claim holds on
     none. (c) sits on its 2x line and moves with the thread count and the load on the machine.
