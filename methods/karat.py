@@ -71,8 +71,8 @@ the float reductions and so the trajectory, see the 1-thread runs below):
     >= 90 %: G3B 12 / 13 / 9, softmax 24 / 21 / 25; CPU time per epoch ratio 1.96x / 2.25x / 2.20x (2.02x / 2.05x
     when seeds 1 and 2 were rerun two at a time on the quiet machine, same accuracies). So (a) fails
     on all three (+0.8 / +1.9 / +1.7 points), (c) fails on seed 0 only, (b), (d), (e), (f) hold. With 2 threads
-    seed 0 is the table above: (a) holds (+2.2), (c) fails (1.79x). Every run misses one check; the claim holds on
-    none. (c) sits on its 2x line and moves with the thread count and the load on the machine.
+    seed 0 is the table above: (a) holds (+2.2), (c) fails (1.79x). Every run misses (a), (c) or both; the claim
+    holds on none. (c) sits on its 2x line and moves with the thread count and the load on the machine.
     What else was tried (not the default, listed so the reader can judge the margin): --no-include-dc (frequencies
     1..G only, the project page's formula and the card's calibration setting), seeds 0 / 1 / 2 without the long
     softmax: G3B 98.33 / 98.33 / 96.94 vs softmax 96.11 / 95.56 / 95.83, i.e. (a) +2.2 / +2.8 / +1.1 (mean +2.0),
