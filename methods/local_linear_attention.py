@@ -108,8 +108,6 @@ Deviations from the paper:
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
 import sys
@@ -129,9 +127,11 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import shared
 
-# Optional: Triton, for the FlashLLA-style kernel (CUDA; or CPU when TRITON_INTERPRET=1 is set before this import)
-triton = importlib.import_module("triton") if importlib.util.find_spec("triton") else None
-tl = importlib.import_module("triton.language") if triton is not None else None
+try:  # optional: Triton, for the FlashLLA-style kernel (CUDA; or CPU when TRITON_INTERPRET=1 is set before this import)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
 
 SLUG = "local_linear_attention"
 PAPER = "Local Linear Attention: An Optimal Interpolation of Linear and Softmax Attention For Test-Time Regression"

@@ -24,6 +24,7 @@ def contract_problems(src: str, slug: str, readme: str, test_exists: bool) -> li
             problems.append("the __main__ block must be exactly shared.run(main, Args, PRESETS)")
         is_import_fallback = isinstance(node, ast.Try) and all(  # `try: import shared except ImportError: ...`
             isinstance(n, (ast.Import, ast.ImportFrom)) or "sys.path" in ast.unparse(n)
+            or (isinstance(n, ast.Assign) and ast.unparse(n.value) == "None")  # an optional package: `triton = None`
             for n in node.body + [s for h in node.handlers for s in h.body])
         if not (isinstance(node, ALLOWED_TOP) or is_main_guard or is_import_fallback):
             problems.append(f"line {node.lineno}: code runs at import ({type(node).__name__})")
