@@ -209,6 +209,23 @@ def test_compiled_triton_kernel_on_cuda(dtype, tol):
         torch.testing.assert_close(a.float(), b.float(), atol=10 * tol, rtol=10 * tol)
 
 
+def test_kernel_sweep_times_each_kernel_and_reports_a_failing_one_without_stopping():
+    def blockwise(q, k, v):
+        return m.attention_blockwise(q[None], k[None], v[None], lam=10.0, causal=True, n_iter=8, block=16)[0]
+
+    def broken(q, k, v):
+        raise RuntimeError("no kernel here")
+
+    rows = m.kernel_sweep({"blockwise": blockwise, "broken": broken}, (24, 40), 2, 8, torch.float32,
+                          torch.device("cpu"), 10.0, 8)
+    assert [(r["S"], r["kernel"]) for r in rows] == [(24, "blockwise"), (24, "broken"), (40, "blockwise"),
+                                                     (40, "broken")]
+    for ok in rows[::2]:  # CG is exact after D = 8 iterations: the blockwise path equals the moment path
+        assert ok["max_err"] < 1e-4 and ok["fwd_ms"] > 0 and ok["fwd+bwd_ms"] > 0, ok
+    for bad in rows[1::2]:
+        assert bad["failed"] == "RuntimeError: no kernel here" and "fwd_ms" not in bad
+
+
 @pytest.mark.slow
 def test_compiled_blockwise_matches_eager():
     q, k, v = (t[0] for t in qkv(B=1, H=2, Sq=24, Sk=24, D=4, Dv=2, dtype=torch.float32, grad=False))
