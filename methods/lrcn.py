@@ -398,7 +398,10 @@ def lstm_fused(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b: torch
     """The same function as lstm_reference through torch.lstm (the op behind nn.LSTM: oneDNN / cuDNN)."""
     h0 = x.new_zeros(1, x.shape[1], w_hh.shape[1])  # (1,B,H)
     # NOTE: torch.lstm adds two biases (b_ih + b_hh); Caffe has one, so the second is a constant zero.
-    out, _, _ = torch.lstm(x, (h0, h0), [w_ih, w_hh, b, torch.zeros_like(b)], True, 1, 0.0, False, False, False)
+    # NOTE: the `train` argument (7th) must be True whenever a backward follows: cuDNN keeps its reserve space only
+    # then ("cudnn RNN backward can only be called in training mode"). With one layer and dropout 0 it changes nothing.
+    out, _, _ = torch.lstm(x, (h0, h0), [w_ih, w_hh, b, torch.zeros_like(b)], True, 1, 0.0, torch.is_grad_enabled(),
+                           False, False)
     return out  # (T,B,H)
 
 

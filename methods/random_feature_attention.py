@@ -313,9 +313,9 @@ class RandomFeatureAttention(nn.Module):
         super().__init__()
         self.register_buffer("W", W)  # (M, D, D): frozen, never a parameter
         self.attn_fn, self.activation = attn_fn, activation
-        self.V = nn.Parameter(torch.zeros(W.shape[0], W.shape[1], dtype=W.dtype))  # (M, D): the value vectors v_m
+        self.V = nn.Parameter(W.new_zeros(W.shape[0], W.shape[1]))  # (M, D): the value vectors v_m
         # DEVIATION: an intercept b, not in the paper's f(X; V) (docstring 2)
-        self.b = nn.Parameter(torch.zeros((), dtype=W.dtype))
+        self.b = nn.Parameter(W.new_zeros(()))  # on W's device, like V
 
     def queries_keys(self, X: torch.Tensor):
         Xt = lift(X)  # (B, N+1, D)
