@@ -75,31 +75,39 @@ Implementation details:
      diagonal); CG on Sigma rho = mu with x0 = 0 recomputes W from the *final* m, applies the rank corrections
      -(p.q) M - (p.M) q + omega (p.q) q and + lambda omega p, and freezes a row when |r|^2 <= rtol*max(atol, |r0|^2)
      or on NaN/Inf; pass 3 sums W (1 - rho.k + rho.q) / delta V. Extra memory: O(S D) plus one tile.
-  4. Backward of the blockwise/Triton paths: a torch.autograd.Function that recomputes, one query tile at a time,
-     w, omega, mu and Sigma with autograd and routes the gradient of rho through implicit differentiation of the
-     solve (dL/dmu = Sigma^-1 g, dL/dSigma = -(Sigma^-1 g) rho^T) using the rho the forward's CG found.
+  4. Backward of the blockwise/Triton paths, matrix-free like the forward and derived here (checked against
+     autograd through the literal path to 1e-10 in fp64). Per query i, with G_ij = g_i.v_j, d_ij = k_j - q_i,
+     C_ij = G_ij w_ij / delta: tau = sum_j C_ij, T = sum_j C_ij d_ij, beta = sum_j G_ij l_ij / delta (= -dL/ddelta);
+     a second CG solve U = Sigma^-1 T; u = -U + beta rho (= Sigma^-1 dL/drho), dL/dmu = u + beta rho; then
+     F_ij = dL/dw_ij = G_ij (1 - rho.d_ij) / delta - beta - lambda u.rho + dL/dmu.d_ij - (u.d_ij)(rho.d_ij), and
+     dq_i = s sum_j F_ij w_ij k_j + tau rho - omega dL/dmu + (mu.rho) u + (mu.u) rho,
+     dk_j = sum_i w_ij [s F_ij q_i - (G_ij / delta) rho + dL/dmu - (rho.d_ij) u - (u.d_ij) rho],
+     dv_j = sum_i l_ij g_i, ds = sum_ij F_ij w_ij q_i.k_j. The query pass costs 3 + n_iter key sweeps (statistics,
+     tau/T/beta, CG, F); `blockwise_backward_torch` adds dk, dv inside it, the Triton version writes u, dL/dmu and
+     three row scalars and a second kernel sums dk, dv over the query tiles of each key tile (no atomics).
   5. Task A baselines: softmax = SDPA at the same s; unnormalised linear attention q (K^T V) / n; global ridge = OLS
      with intercept fitted on all n pairs. Task B models share one block (pre-LN, QK-norm with a learned per-head
      scale, no positional embedding so that 2x longer test contexts are meaningful, Adam with warm-up and cosine
      decay, gradient clipping 1.0); only the attention differs (softmax, LLA, linear attention, a MesaNet-like
      causal running ridge); the loss is the MSE of y_i at every position.
-  6. The Triton kernel was written on CPU and checked there under TRITON_INTERPRET=1 (fp32, tiles of 16) against the
-     reference. On CPU, `--bench` (N=4 S=256 D=16 fp32, quiet 2-core CPU) gives moment-SDPA 2.7-3.1x faster than the
-     reference forward and forward+backward, the compiled blockwise forward 2.0x (its eager tile backward 0.6-0.8x),
-     86 s in all with compilation. On one H200 (torch 2.11, triton 3.6), the `-m gpu` tests pass (compiled kernel vs
-     reference: fp32 to 1e-4, bf16 to 3e-2, outputs and gradients), and `--bench --device cuda` (N=4 S=2048 D=64
-     bf16, lambda=10, 16 CG iterations, causal) gives: reference 9.9 ms forward / 20.4 ms forward+backward; our
-     Triton kernel 1.01 ms forward (9.8x) at 75 MiB peak against the reference's 622 MiB; the authors' FlashLLA
-     kernels (flashlla.lla_attention, installed beside the repo for this one run, never a dependency) 1.18 ms. Their
-     kernel-vs-kernel sweep (N=8, same settings; ms; both 9e-4 from the fp32 moment path):
-         | S    | ours fwd | FlashLLA fwd | ours fwd+bwd | FlashLLA fwd+bwd |
-         | 1024 | 0.61     | 0.88         | 68           | 1.98             |
-         | 2048 | 1.57     | 1.28         | 143          | 3.60             |
-         | 4096 | 4.87     | 2.85         | 344          | 6.96             |
-     So our forward kernel is faster at S=1024 (1.4x) and falls behind with length (1.7x slower at 4096: one fixed 64x64
-     tile, where the authors autotune tiles up to 256). Our backward is NOT a kernel: it recomputes each query tile
-     in torch with autograd and an implicit-differentiation solve, 35-50x slower than the authors' Triton backward
-     and 760-2800 MiB against their 83-134. The speed to beat is beaten only for the short forward.
+  6. The Triton kernels were written on CPU and checked there under TRITON_INTERPRET=1 (fp32, tiles of 16) against the
+     fp64 reference (outputs, dq, dk, dv and the scale's gradient). On CPU, `--bench` (N=4 S=256 D=16 fp32, quiet
+     2-core CPU) gives moment-SDPA 2.7-3.1x faster than the reference forward and forward+backward and the compiled
+     blockwise forward 2.0x. On one H200 (torch 2.11, triton 3.6), with the forward kernel of this file and the
+     EARLIER backward (autograd recomputation of each query tile in torch, since replaced by the kernels of point 4,
+     whose GPU test and timing have not run yet), the `-m gpu` tests passed (fp32 to 1e-4, bf16 to 3e-2, outputs and
+     gradients) and `--bench --device cuda` (N=4 S=2048 D=64 bf16, lambda=10, 16 CG iterations, causal) gave:
+     reference 9.9 ms forward / 20.4 ms forward+backward; our Triton forward 1.01 ms (9.8x) at 75 MiB peak against
+     the reference's 622 MiB; the authors' FlashLLA kernels (flashlla.lla_attention, installed beside the repo for
+     that run, never a dependency) 1.18 ms. The kernel-vs-kernel sweep (N=8, same settings; ms; both 9e-4 from the
+     fp32 moment path):
+         | S    | ours fwd | FlashLLA fwd | ours fwd+bwd (old torch bwd) | FlashLLA fwd+bwd |
+         | 1024 | 0.61     | 0.88         | 68                           | 1.98             |
+         | 2048 | 1.57     | 1.28         | 143                          | 3.60             |
+         | 4096 | 4.87     | 2.85         | 344                          | 6.96             |
+     So our forward kernel is faster at S=1024 (1.4x) and falls behind with length (1.7x slower at 4096: one fixed
+     64x64 tile, where the authors autotune tiles up to 256). The old torch backward was 35-50x slower than the
+     authors' Triton backward; the Triton backward that replaced it is untimed.
 
 Deviations from the paper:
   1. The paper's model sizes, optimiser settings and numeric tables could not be retrieved (only its front matter and
@@ -112,8 +120,11 @@ Deviations from the paper:
      calibration, so no attention was being compared.
   3. Task B's MesaNet-like layer uses a fixed ridge (1.0) and a plain running solve, not MesaNet's gated, learned-
      lambda CG layer. MQAR (task C) and state tracking are not reproduced.
-  4. The backward of the blockwise path uses a direct D x D solve per query (the official backward reuses CG) and
-     recomputes each tile in torch; the Triton kernel is forward-only.
+  4. The backward is our own derivation (point 4 above), not a port of the official one: the same two CG solves
+     and sweep structure. Our F_ij has the term -lambda u.rho from the ridge lambda*omega (dropping it breaks the
+     fp64 gradient check by O(1) at lambda=0.3); the official backward as read at commit d104afa has no such term in
+     its per-pair factor. Whether its gradients differ is what the `grad err` column of the GPU kernel sweep shows;
+     it has not run yet.
   5. The moment path applies the eps guard to delta/omega (omega is not returned by SDPA); with eps = 1e-12 the
      difference is below 1e-12 relative.
 """
@@ -323,51 +334,55 @@ def attention_fused(q, k, v, lam: float = 10.0, causal: bool = True, scale=None,
     return out.to(q.dtype)  # (B,H,Sq,Dv)
 
 
-def _blockwise_rows(q, k, v, sc2, r0, causal, lam, eps, n_iter, tol, bc, jacobi):
-    """FlashLLA for one query tile q: (N, R, D), rows r0.., all keys k: (N, Sk, D); sc2 = s*log2(e): (N, 1, 1).
-    Returns o (N, R, Dv) and rho (N, R, D). Work dtype fp32/fp64; the loops are over key tiles only."""
+def _row_stats(q, k, sc2, r0, causal, bc, jacobi):
+    """Pass 1 of FlashLLA for one query tile q: (N, R, D), rows r0.., all keys k: (N, Sk, D); sc2 = s*log2(e):
+    (N, 1, 1). Returns weights(c0) -> (W, key tile) with the FINAL running max, the number of visible keys, and
+    omega (N,R,1), M = sum_j w_ij k_j (N,R,D), Dg = sum_j w_ij k_j*k_j (N,R,D; zeros unless jacobi)."""
     N, R, D = q.shape
     n_cols = min(k.shape[1], r0 + R) if causal else k.shape[1]  # key tiles beyond the last row are all masked
     rows = torch.arange(r0, r0 + R, device=q.device).view(R, 1)
 
-    def weights(c0, m):  # (N,R,C) W = 2^(s log2e q.k - m) with the causal mask, and the key tile
+    def scores(c0):  # (N,R,C) s*log2e q.k with the causal mask, and the key tile
         kc = k[:, c0: c0 + bc]  # (N,C,D)
         a = (q @ kc.transpose(1, 2)) * sc2  # (N,R,C)
         if causal:
             a = a.masked_fill(torch.arange(c0, c0 + kc.shape[1], device=q.device) > rows, float("-inf"))
-        if m is None:  # pass 1: online max
-            return a, kc
-        return torch.exp2(a - m), kc
+        return a, kc
 
-    # ---- pass 1: online statistics (running max m, omega, M = sum w k, Jacobi diagonal sum w k*k)
     m = torch.full((N, R, 1), float("-inf"), dtype=q.dtype, device=q.device)
     omega, M, Dg = torch.zeros_like(m), torch.zeros_like(q), torch.zeros_like(q)
     for c0 in range(0, n_cols, bc):
-        a, kc = weights(c0, None)
+        a, kc = scores(c0)
         m_new = torch.maximum(m, a.amax(-1, keepdim=True))  # (N,R,1)
         alpha, w = torch.exp2(m - m_new), torch.exp2(a - m_new)  # rescale old sums, new tile weights
         omega, M = alpha * omega + w.sum(-1, keepdim=True), alpha * M + w @ kc
         if jacobi:
             Dg = alpha * Dg + w @ (kc * kc)
         m = m_new
-    mu = M - omega * q  # (N,R,D) sum_j w_ij (k_j - q_i)
-    lam_om = lam * omega  # (N,R,1) the ridge lambda * omega
-    diag = Dg - 2 * M * q + omega * q * q + lam_om if jacobi else torch.ones_like(q)  # diag(Sigma)
 
-    # ---- pass 2: CG on Sigma rho = mu, Sigma applied matrix-free by sweeping the key tiles with the FINAL m
+    def weights(c0):  # W = 2^(s log2e q.k - m) with the final m: no rescaling after pass 1
+        a, kc = scores(c0)
+        return torch.exp2(a - m), kc
+
+    return weights, n_cols, omega, M, Dg
+
+
+def _cg_solve(q, M, omega, lam_om, weights, n_cols, bc, b, diag, n_iter, tol):
+    """Conjugate gradients on Sigma x = b for every row of the tile at once, x0 = 0, preconditioner diag. Sigma is
+    applied matrix-free: one sweep over the key tiles per iteration, then the rank corrections and the ridge."""
     def apply_sigma(p):
         Sp = torch.zeros_like(p)
         for c0 in range(0, n_cols, bc):
-            w, kc = weights(c0, m)
+            w, kc = weights(c0)
             Sp = Sp + (w * (p @ kc.transpose(1, 2))) @ kc  # sum_j w_ij (p.k_j) k_j
         pq, pM = (p * q).sum(-1, keepdim=True), (p * M).sum(-1, keepdim=True)
         return Sp - pq * M - pM * q + omega * pq * q + lam_om * p  # rank corrections + ridge
 
-    x, r = torch.zeros_like(q), mu
+    x, r = torch.zeros_like(b), b
     z = r / diag
     p, rz = z, (r * z).sum(-1, keepdim=True)
     rz0 = rz
-    active = rz0 != 0  # rows with mu = 0 (e.g. a single key) are solved by rho = 0
+    active = rz0 != 0  # rows with b = 0 (e.g. a single key) are solved by x = 0
     for _ in range(n_iter):
         Sp = apply_sigma(p)
         pSp = (p * Sp).sum(-1, keepdim=True)
@@ -379,16 +394,73 @@ def _blockwise_rows(q, k, v, sc2, r0, causal, lam, eps, n_iter, tol, bc, jacobi)
         active = active & torch.isfinite(rz_new) & (rz_new > tol * torch.clamp(rz0, min=tol))
         beta = torch.where(active, rz_new / torch.where(rz != 0, rz, 1.0), 0.0)
         p, rz = z + beta * p, rz_new
+    return x
 
+
+def _blockwise_rows(q, k, v, sc2, r0, causal, lam, eps, n_iter, tol, bc, jacobi):
+    """FlashLLA's forward for one query tile q: (N, R, D), rows r0..; returns o (N, R, Dv) and rho (N, R, D).
+    Work dtype fp32/fp64; the loops are over key tiles only."""
+    # ---- pass 1: online statistics (running max m, omega, M = sum w k, Jacobi diagonal sum w k*k)
+    weights, n_cols, omega, M, Dg = _row_stats(q, k, sc2, r0, causal, bc, jacobi)
+    mu = M - omega * q  # (N,R,D) sum_j w_ij (k_j - q_i)
+    lam_om = lam * omega  # (N,R,1) the ridge lambda * omega
+    diag = Dg - 2 * M * q + omega * q * q + lam_om if jacobi else torch.ones_like(q)  # diag(Sigma)
+    # ---- pass 2: CG on Sigma rho = mu, Sigma applied by sweeping the key tiles with the FINAL m
+    x = _cg_solve(q, M, omega, lam_om, weights, n_cols, bc, mu, diag, n_iter, tol)
     # ---- pass 3: output o_i = sum_j W_ij (1 - rho.k_j + rho.q_i) / delta_i v_j
     delta = omega - (mu * x).sum(-1, keepdim=True)
     delta = delta + eps * torch.where(delta >= 0, 1.0, -1.0)
     rq = (x * q).sum(-1, keepdim=True)
-    o = torch.zeros(N, R, v.shape[-1], dtype=q.dtype, device=q.device)
+    o = torch.zeros(*q.shape[:2], v.shape[-1], dtype=q.dtype, device=q.device)
     for c0 in range(0, n_cols, bc):
-        w, kc = weights(c0, m)
+        w, kc = weights(c0)
         o = o + (w * (1 - x @ kc.transpose(1, 2) + rq) / delta) @ v[:, c0: c0 + bc]
     return o, x
+
+
+def _blockwise_rows_backward(q, k, v, g, rho, sc, r0, causal, lam, eps, n_iter, tol, bc, dk, dv):
+    """The gradient through one query tile, matrix-free like the forward (docstring 4 has the derivation).
+    q, g: (N, R, D/Dv) rows r0.. and their output gradient; rho: (N, R, D) from the forward; sc: (N, 1, 1) = s.
+    Returns dq (N,R,D) and ds (N,) for this tile; adds the tile's share of dk, dv into them in place."""
+    weights, n_cols, omega, M, _ = _row_stats(q, k, sc * LOG2E, r0, causal, bc, False)
+    mu, lam_om = M - omega * q, lam * omega
+    delta = omega - (mu * rho).sum(-1, keepdim=True)
+    delta = delta + eps * torch.where(delta >= 0, 1.0, -1.0)
+    rq = (rho * q).sum(-1, keepdim=True)
+    # ---- sweep 1: G_ij = g_i.v_j, C_ij = G_ij w_ij / delta_i; tau = sum_j C, T = sum_j C_ij (k_j - q_i),
+    #      beta = sum_j G_ij l_ij / delta_i  (= -dL/d delta)
+    tau, Ck, beta = torch.zeros_like(omega), torch.zeros_like(q), torch.zeros_like(omega)
+    for c0 in range(0, n_cols, bc):
+        w, kc = weights(c0)
+        G = g @ v[:, c0: c0 + bc].transpose(1, 2)  # (N,R,C)
+        Cw = G * w / delta
+        tau, Ck = tau + Cw.sum(-1, keepdim=True), Ck + Cw @ kc
+        beta = beta + (Cw * (1 - rho @ kc.transpose(1, 2) + rq)).sum(-1, keepdim=True)
+    beta, T = beta / delta, Ck - tau * q
+    # ---- the second solve, U = Sigma^-1 T, by the same CG; then u = dL/dmu through rho, and dL/dmu in all
+    U = _cg_solve(q, M, omega, lam_om, weights, n_cols, bc, T, torch.ones_like(q), n_iter, tol)
+    u = -U + beta * rho  # Sigma^-1 (dL/drho), dL/drho = -T + beta mu
+    dmu = u + beta * rho  # dL/dmu: through rho and through delta = omega - mu.rho
+    c = -beta - lam * (u * rho).sum(-1, keepdim=True)  # the part of dL/dw_ij that is the same for every j
+    uq, dmq = (u * q).sum(-1, keepdim=True), (dmu * q).sum(-1, keepdim=True)
+    # ---- sweep 2: F_ij = dL/dw_ij; dq from the scores, dk and dv of this tile's keys
+    A = torch.zeros_like(q)  # sum_j F_ij w_ij k_j
+    for c0 in range(0, n_cols, bc):
+        w, kc = weights(c0)
+        vc, sl = v[:, c0: c0 + bc], slice(c0, c0 + bc)
+        G = g @ vc.transpose(1, 2)
+        d_rho, d_u = rho @ kc.transpose(1, 2) - rq, u @ kc.transpose(1, 2) - uq  # rho.(k_j - q_i), u.(k_j - q_i)
+        s_ = 1 - d_rho
+        F = G * s_ / delta + c + (dmu @ kc.transpose(1, 2) - dmq) - d_u * d_rho  # (N,R,C)
+        wF = w * F
+        A = A + wF @ kc
+        dv[:, sl] += (w * s_ / delta).transpose(1, 2) @ g  # l_ij g_i
+        dk[:, sl] += ((sc * wF).transpose(1, 2) @ q  # through the scores a_ij = s q_i.k_j
+                      - (w * G / delta).transpose(1, 2) @ rho  # through rho.(k_j - q_i) in l_ij
+                      + w.transpose(1, 2) @ dmu  # through mu
+                      - (w * d_rho).transpose(1, 2) @ u - (w * d_u).transpose(1, 2) @ rho)  # through Sigma
+    dq = sc * A + tau * rho - omega * dmu + (mu * rho).sum(-1, keepdim=True) * u + (mu * u).sum(-1, keepdim=True) * rho
+    return dq, (q * A).sum((-2, -1))
 
 
 def blockwise_forward_torch(q, k, v, sc, lam, causal, eps, n_iter, tol, block, jacobi=False):
@@ -399,6 +471,21 @@ def blockwise_forward_torch(q, k, v, sc, lam, causal, eps, n_iter, tol, block, j
     outs = [_blockwise_rows(q[:, r0: r0 + block], k, v, sc2, r0, causal, lam, eps, n_iter, tol, block, jacobi)
             for r0 in range(0, q.shape[1], block)]
     return torch.cat([o for o, _ in outs], 1), torch.cat([x for _, x in outs], 1)
+
+
+def blockwise_backward_torch(q, k, v, g, rho, sc, lam, causal, eps, n_iter, tol, block):
+    """The matrix-free backward in torch: q, k, v (N, S, D), g = dL/do (N, Sq, Dv), rho from the forward, sc (N,)
+    -> dq, dk, dv, ds (the gradient of the per-head scale s). Loops over query tiles; dk, dv accumulate over them."""
+    wd = _solve_dtype(q)
+    q, k, v, g, rho, sc = (t.to(wd) for t in (q, k, v, g, rho, sc))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    ds = torch.zeros_like(sc)
+    for r0 in range(0, q.shape[1], block):
+        rs = slice(r0, r0 + block)
+        dq[:, rs], ds_tile = _blockwise_rows_backward(q[:, rs], k, v, g[:, rs], rho[:, rs], sc.view(-1, 1, 1), r0,
+                                                      causal, lam, eps, n_iter, tol, block, dk, dv)
+        ds = ds + ds_tile
+    return dq, dk, dv, ds
 
 
 # Triton kernel (jitted below where triton exists): the same three passes, one program per (head, query tile)
@@ -412,6 +499,42 @@ def _tile(q, K, base, c0, rows, S_K, D, sc2, cc, dd, CAUSAL: tl.constexpr, PREC:
     if CAUSAL:
         ok = ok & (cols[None, :] <= rows[:, None])
     return kt, cols, tl.where(ok, a, float("-inf"))
+
+
+def _cg_rows(q, qf, K, kbase, rows, S_Q, S_K, D, sc2, cc, dd, n_cols, m, M, om, lam_om, b, diag, n_iter, tol,
+             CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """CG on Sigma x = b for the BLOCK_R rows of a tile (x0 = 0, preconditioner diag): Sigma p by sweeping the key
+    tiles with the final m, then the rank corrections and the ridge. Used by the forward (b = mu) and the backward
+    (b = T). A row stops when |r|^2 <= tol * max(tol, |r0|^2), on NaN/Inf, or from the start when b = 0."""
+    x = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    r = b
+    z = r / diag
+    p = z
+    rz = tl.sum(r * z, 1)
+    rz0 = rz
+    active = (rz0 != 0) & (rows < S_Q)
+    for _ in range(n_iter):
+        Sp = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        for c0 in range(0, n_cols, BLOCK_C):
+            kt, cols, a = _tile(q, K, kbase, c0, rows, S_K, D, sc2, cc, dd, CAUSAL, PREC)
+            w = tl.math.exp2(a - m[:, None])
+            pk = tl.dot(p.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+            Sp += tl.dot((w * pk).to(kt.dtype), kt, input_precision=PREC)
+        pq, pM = tl.sum(p * qf, 1), tl.sum(p * M, 1)
+        Sp = Sp - pq[:, None] * M - pM[:, None] * qf + (om * pq)[:, None] * qf + lam_om[:, None] * p
+        pSp = tl.sum(p * Sp, 1)
+        step = tl.where(active, rz / tl.where(pSp != 0, pSp, 1.0), 0.0)
+        x += step[:, None] * p
+        r -= step[:, None] * Sp
+        z = r / diag
+        rz_new = tl.sum(r * z, 1)
+        finite = (rz_new == rz_new) & (tl.abs(rz_new) < float("inf"))
+        active = active & finite & (rz_new > tol * tl.maximum(tol, rz0))
+        beta = tl.where(active, rz_new / tl.where(rz != 0, rz, 1.0), 0.0)
+        p = z + beta[:, None] * p
+        rz = rz_new
+    return x
 
 
 def _lla_fwd_kernel(Q, K, V, SC, OUT, RHO, S_Q, S_K, D, DV, lam, eps, tol, n_iter,
@@ -450,33 +573,8 @@ def _lla_fwd_kernel(Q, K, V, SC, OUT, RHO, S_Q, S_K, D, DV, lam, eps, tol, n_ite
     if JACOBI:
         diag = tl.where(dd[None, :] < D, Dg - 2.0 * M * qf + om[:, None] * qf * qf + lam_om[:, None], 1.0)
     # ---- pass 2: CG, Sigma p by sweeping key tiles with the final m
-    x = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    r = mu
-    z = r / diag
-    p = z
-    rz = tl.sum(r * z, 1)
-    rz0 = rz
-    active = (rz0 != 0) & (rows < S_Q)
-    for _ in range(n_iter):
-        Sp = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-        for c0 in range(0, n_cols, BLOCK_C):
-            kt, cols, a = _tile(q, K, kbase, c0, rows, S_K, D, sc2, cc, dd, CAUSAL, PREC)
-            w = tl.math.exp2(a - m[:, None])
-            pk = tl.dot(p.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-            Sp += tl.dot((w * pk).to(kt.dtype), kt, input_precision=PREC)
-        pq, pM = tl.sum(p * qf, 1), tl.sum(p * M, 1)
-        Sp = Sp - pq[:, None] * M - pM[:, None] * qf + (om * pq)[:, None] * qf + lam_om[:, None] * p
-        pSp = tl.sum(p * Sp, 1)
-        step = tl.where(active, rz / tl.where(pSp != 0, pSp, 1.0), 0.0)
-        x += step[:, None] * p
-        r -= step[:, None] * Sp
-        z = r / diag
-        rz_new = tl.sum(r * z, 1)
-        finite = (rz_new == rz_new) & (tl.abs(rz_new) < float("inf"))
-        active = active & finite & (rz_new > tol * tl.maximum(tol, rz0))
-        beta = tl.where(active, rz_new / tl.where(rz != 0, rz, 1.0), 0.0)
-        p = z + beta[:, None] * p
-        rz = rz_new
+    x = _cg_rows(q, qf, K, kbase, rows, S_Q, S_K, D, sc2, cc, dd, n_cols, m, M, om, lam_om, mu, diag, n_iter, tol,
+                 CAUSAL, PREC, BLOCK_R, BLOCK_C, BLOCK_D)
     # ---- pass 3: output
     delta = om - tl.sum(mu * x, 1)
     delta = delta + eps * tl.where(delta >= 0, 1.0, -1.0)
@@ -496,90 +594,216 @@ def _lla_fwd_kernel(Q, K, V, SC, OUT, RHO, S_Q, S_K, D, DV, lam, eps, tol, n_ite
     tl.store(RHO + bh * S_Q * D + rows[:, None] * D + dd[None, :], x, mask=out_mask & (dd[None, :] < D))
 
 
+def _lla_bwd_q_kernel(Q, K, V, SC, G, RHO, DQ, U, DMU, ROWS, S_Q, S_K, D, DV, lam, eps, tol, n_iter,
+                      CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Backward, one program = one (batch*head, query tile): the same sweeps as `_blockwise_rows_backward`.
+    Writes dq and, for the key kernel, u, dL/dmu (R, D) and the row scalars (m, delta, c, q.A) into ROWS (R, 4)."""
+    pid_r, bh = tl.program_id(0), tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    dd, dv, cc = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV), tl.arange(0, BLOCK_C)
+    kbase, vbase = bh * S_K * D, bh * S_K * DV
+    rmask, gmask = (rows[:, None] < S_Q) & (dd[None, :] < D), (rows[:, None] < S_Q) & (dv[None, :] < DV)
+    qoff, goff = bh * S_Q * D + rows[:, None] * D + dd[None, :], bh * S_Q * DV + rows[:, None] * DV + dv[None, :]
+    q = tl.load(Q + qoff, mask=rmask, other=0.0)  # (R, BD) input dtype
+    qf = q.to(tl.float32)
+    g = tl.load(G + goff, mask=gmask, other=0.0)  # (R, BDV) dL/do
+    rho = tl.load(RHO + qoff, mask=rmask, other=0.0)  # (R, BD) fp32, from the forward
+    s = tl.load(SC + bh)
+    sc2 = s * 1.4426950408889634
+    n_cols = S_K
+    if CAUSAL:
+        n_cols = tl.minimum(S_K, pid_r * BLOCK_R + BLOCK_R)
+    # ---- pass 1: online statistics, as in the forward
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    om = tl.zeros((BLOCK_R,), tl.float32)
+    M = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for c0 in range(0, n_cols, BLOCK_C):
+        kt, cols, a = _tile(q, K, kbase, c0, rows, S_K, D, sc2, cc, dd, CAUSAL, PREC)
+        m_new = tl.maximum(m, tl.max(a, 1))
+        alpha = tl.math.exp2(m - m_new)
+        w = tl.math.exp2(a - m_new[:, None])
+        om = om * alpha + tl.sum(w, 1)
+        M = M * alpha[:, None] + tl.dot(w.to(kt.dtype), kt, input_precision=PREC)
+        m = m_new
+    mu = M - om[:, None] * qf
+    lam_om = lam * om
+    delta = om - tl.sum(mu * rho, 1)
+    delta = delta + eps * tl.where(delta >= 0, 1.0, -1.0)
+    rq = tl.sum(rho * qf, 1)
+    # ---- sweep 1: tau = sum_j C_ij, C_ij = (g_i.v_j) w_ij / delta_i; sum_j C_ij k_j; beta
+    tau = tl.zeros((BLOCK_R,), tl.float32)
+    Ck = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    beta = tl.zeros((BLOCK_R,), tl.float32)
+    for c0 in range(0, n_cols, BLOCK_C):
+        kt, cols, a = _tile(q, K, kbase, c0, rows, S_K, D, sc2, cc, dd, CAUSAL, PREC)
+        w = tl.math.exp2(a - m[:, None])
+        vt = tl.load(V + vbase + cols[:, None] * DV + dv[None, :], mask=(cols[:, None] < S_K) & (dv[None, :] < DV),
+                     other=0.0)
+        Gm = tl.dot(g, tl.trans(vt), input_precision=PREC)  # (R, C) g_i.v_j
+        Cw = Gm * w / delta[:, None]
+        rk = tl.dot(rho.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        tau += tl.sum(Cw, 1)
+        Ck += tl.dot(Cw.to(kt.dtype), kt, input_precision=PREC)
+        beta += tl.sum(Cw * (1.0 - rk + rq[:, None]), 1)
+    beta = beta / delta
+    T = Ck - tau[:, None] * qf
+    # ---- the second solve U = Sigma^-1 T (no preconditioner), then u and dL/dmu
+    ones = tl.full((BLOCK_R, BLOCK_D), 1.0, tl.float32)
+    Us = _cg_rows(q, qf, K, kbase, rows, S_Q, S_K, D, sc2, cc, dd, n_cols, m, M, om, lam_om, T, ones, n_iter, tol,
+                  CAUSAL, PREC, BLOCK_R, BLOCK_C, BLOCK_D)
+    u = -Us + beta[:, None] * rho
+    dmu = u + beta[:, None] * rho
+    c = -beta - lam * tl.sum(u * rho, 1)
+    uq, dmq = tl.sum(u * qf, 1), tl.sum(dmu * qf, 1)
+    # ---- sweep 2: F_ij = dL/dw_ij, A = sum_j F_ij w_ij k_j
+    A = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for c0 in range(0, n_cols, BLOCK_C):
+        kt, cols, a = _tile(q, K, kbase, c0, rows, S_K, D, sc2, cc, dd, CAUSAL, PREC)
+        w = tl.math.exp2(a - m[:, None])
+        vt = tl.load(V + vbase + cols[:, None] * DV + dv[None, :], mask=(cols[:, None] < S_K) & (dv[None, :] < DV),
+                     other=0.0)
+        Gm = tl.dot(g, tl.trans(vt), input_precision=PREC)
+        d_rho = tl.dot(rho.to(kt.dtype), tl.trans(kt), input_precision=PREC) - rq[:, None]
+        d_u = tl.dot(u.to(kt.dtype), tl.trans(kt), input_precision=PREC) - uq[:, None]
+        d_dmu = tl.dot(dmu.to(kt.dtype), tl.trans(kt), input_precision=PREC) - dmq[:, None]
+        F = Gm * (1.0 - d_rho) / delta[:, None] + c[:, None] + d_dmu - d_u * d_rho
+        A += tl.dot((w * F).to(kt.dtype), kt, input_precision=PREC)
+    dq = s * A + tau[:, None] * rho - om[:, None] * dmu + tl.sum(mu * rho, 1)[:, None] * u \
+        + tl.sum(mu * u, 1)[:, None] * rho
+    tl.store(DQ + qoff, dq, mask=rmask)
+    tl.store(U + qoff, u, mask=rmask)
+    tl.store(DMU + qoff, dmu, mask=rmask)
+    roff, rok = bh * S_Q * 4 + rows * 4, rows < S_Q
+    tl.store(ROWS + roff, m, mask=rok)
+    tl.store(ROWS + roff + 1, delta, mask=rok)
+    tl.store(ROWS + roff + 2, c, mask=rok)
+    tl.store(ROWS + roff + 3, tl.sum(qf * A, 1), mask=rok)
+
+
+def _lla_bwd_kv_kernel(Q, K, V, SC, G, RHO, U, DMU, ROWS, DK, DVV, S_Q, S_K, D, DV,
+                       CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Backward, one program = one (batch*head, key tile): sweeps the query tiles that see these keys and sums
+    dk_j and dv_j over them, from the per-row tensors the query kernel wrote (no atomics)."""
+    pid_c, bh = tl.program_id(0), tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    dd, dv, rr = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV), tl.arange(0, BLOCK_R)
+    kmask, vmask = (cols[:, None] < S_K) & (dd[None, :] < D), (cols[:, None] < S_K) & (dv[None, :] < DV)
+    kt = tl.load(K + bh * S_K * D + cols[:, None] * D + dd[None, :], mask=kmask, other=0.0)  # (C, BD)
+    vt = tl.load(V + bh * S_K * DV + cols[:, None] * DV + dv[None, :], mask=vmask, other=0.0)  # (C, BDV)
+    s = tl.load(SC + bh)
+    sc2 = s * 1.4426950408889634
+    dk = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    dvacc = tl.zeros((BLOCK_C, BLOCK_DV), tl.float32)
+    r_lo = 0
+    if CAUSAL:
+        r_lo = (pid_c * BLOCK_C) // BLOCK_R * BLOCK_R  # earlier query tiles cannot see these keys
+    for r0 in range(r_lo, S_Q, BLOCK_R):
+        rows = r0 + rr
+        ok_r = rows < S_Q
+        rmask, gmask = ok_r[:, None] & (dd[None, :] < D), ok_r[:, None] & (dv[None, :] < DV)
+        qoff = bh * S_Q * D + rows[:, None] * D + dd[None, :]
+        q = tl.load(Q + qoff, mask=rmask, other=0.0)
+        qf = q.to(tl.float32)
+        g = tl.load(G + bh * S_Q * DV + rows[:, None] * DV + dv[None, :], mask=gmask, other=0.0)
+        rho = tl.load(RHO + qoff, mask=rmask, other=0.0)
+        u = tl.load(U + qoff, mask=rmask, other=0.0)
+        dmu = tl.load(DMU + qoff, mask=rmask, other=0.0)
+        roff = bh * S_Q * 4 + rows * 4
+        m = tl.load(ROWS + roff, mask=ok_r, other=0.0)
+        delta = tl.load(ROWS + roff + 1, mask=ok_r, other=1.0)
+        c = tl.load(ROWS + roff + 2, mask=ok_r, other=0.0)
+        a = tl.dot(q, tl.trans(kt), input_precision=PREC) * sc2  # (R, C)
+        ok = ok_r[:, None] & (cols[None, :] < S_K)
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None])
+        w = tl.math.exp2(tl.where(ok, a, float("-inf")) - m[:, None])
+        Gm = tl.dot(g, tl.trans(vt), input_precision=PREC)
+        d_rho = tl.dot(rho.to(kt.dtype), tl.trans(kt), input_precision=PREC) - tl.sum(rho * qf, 1)[:, None]
+        d_u = tl.dot(u.to(kt.dtype), tl.trans(kt), input_precision=PREC) - tl.sum(u * qf, 1)[:, None]
+        d_dmu = tl.dot(dmu.to(kt.dtype), tl.trans(kt), input_precision=PREC) - tl.sum(dmu * qf, 1)[:, None]
+        s_ = 1.0 - d_rho
+        wF = w * (Gm * s_ / delta[:, None] + c[:, None] + d_dmu - d_u * d_rho)
+        dvacc += tl.dot(tl.trans((w * s_ / delta[:, None]).to(vt.dtype)), g, input_precision=PREC)  # l_ij g_i
+        dk += tl.dot(tl.trans((s * wF).to(kt.dtype)), q, input_precision=PREC)  # through the scores
+        dk += tl.dot(tl.trans(w.to(kt.dtype)), dmu.to(kt.dtype), input_precision=PREC)  # through mu
+        dk -= tl.dot(tl.trans((w * (Gm / delta[:, None] + d_u)).to(kt.dtype)), rho.to(kt.dtype),
+                     input_precision=PREC)  # through rho.(k_j - q_i) in l_ij, and Sigma
+        dk -= tl.dot(tl.trans((w * d_rho).to(kt.dtype)), u.to(kt.dtype), input_precision=PREC)  # through Sigma
+    tl.store(DK + bh * S_K * D + cols[:, None] * D + dd[None, :], dk, mask=kmask)
+    tl.store(DVV + bh * S_K * DV + cols[:, None] * DV + dv[None, :], dvacc, mask=vmask)
+
+
 # jit only where Triton exists (the plain functions above are never called as python)
 _tile = triton.jit(_tile) if triton is not None else _tile
 _lla_fwd_kernel = triton.jit(_lla_fwd_kernel) if triton is not None else _lla_fwd_kernel
+_cg_rows = triton.jit(_cg_rows) if triton is not None else _cg_rows
+_lla_bwd_q_kernel = triton.jit(_lla_bwd_q_kernel) if triton is not None else _lla_bwd_q_kernel
+_lla_bwd_kv_kernel = triton.jit(_lla_bwd_kv_kernel) if triton is not None else _lla_bwd_kv_kernel
 
 
-def blockwise_forward_triton(q, k, v, sc, lam, causal, eps, n_iter, tol, block, jacobi=False):
-    """Launch the Triton kernel: q, k, v (N, S, D) fp32/bf16/fp16 -> o (N, Sq, Dv) in q's dtype, rho fp32."""
+def _triton_meta(q, k, v, causal, block) -> dict:
+    """Checks that the Triton path can run here; the launch options shared by the forward and backward kernels."""
     if triton is None:
         raise RuntimeError("the Triton path needs the triton package; use attention_blockwise (torch) instead")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton path needs CUDA tensors (or TRITON_INTERPRET=1 set before importing this file)")
     if q.dtype == torch.float64:
         raise RuntimeError("the Triton path runs in fp32/bf16/fp16; use attention_blockwise for float64")
+    pow2 = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731  tl.dot needs every dim >= 16
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # ieee: true fp32 products (no TF32) for the fp32 tests
+    # NOTE: 8 warps, as the official configs: the kernels keep many (R, D) fp32 tiles live
+    return dict(CAUSAL=causal, PREC=prec, BLOCK_R=block, BLOCK_C=block, BLOCK_D=pow2(q.shape[-1]),
+                BLOCK_DV=pow2(v.shape[-1]), num_warps=8)
+
+
+def blockwise_forward_triton(q, k, v, sc, lam, causal, eps, n_iter, tol, block, jacobi=False):
+    """Launch the forward kernel: q, k, v (N, S, D) fp32/bf16/fp16 -> o (N, Sq, Dv) in q's dtype, rho fp32."""
+    meta = _triton_meta(q, k, v, causal, block)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    N, Sq, D = q.shape
-    Sk, Dv = k.shape[1], v.shape[-1]
+    (N, Sq, D), (Sk, Dv) = q.shape, v.shape[1:]
     o = torch.empty(N, Sq, Dv, dtype=q.dtype, device=q.device)
     rho = torch.empty(N, Sq, D, dtype=torch.float32, device=q.device)
-    pow2 = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731  tl.dot needs every dim >= 16
-    grid = (triton.cdiv(Sq, block), N)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # ieee: true fp32 products (no TF32) for the fp32 tests
-    _lla_fwd_kernel[grid](q, k, v, sc.float().contiguous(), o, rho, Sq, Sk, D, Dv, float(lam), float(eps), float(tol),
-                          int(n_iter), CAUSAL=causal, JACOBI=jacobi, PREC=prec,
-                          BLOCK_R=block, BLOCK_C=block, BLOCK_D=pow2(D), BLOCK_DV=pow2(Dv),
-                          num_warps=8)  # NOTE: 8 warps, as the official configs: many live (R, D) fp32 tiles
+    _lla_fwd_kernel[(triton.cdiv(Sq, block), N)](q, k, v, sc.float().contiguous(), o, rho, Sq, Sk, D, Dv, float(lam),
+                                                  float(eps), float(tol), int(n_iter), JACOBI=jacobi, **meta)
     return o, rho
 
 
-class _ImplicitSolve(torch.autograd.Function):
-    """rho = Sigma^-1 mu with rho already found (by CG); backward by implicit differentiation of Sigma rho = mu."""
-
-    @staticmethod
-    def forward(ctx, sigma, mu, rho):
-        ctx.save_for_backward(sigma, rho)
-        return rho.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        sigma, rho = ctx.saved_tensors
-        # DEVIATION: a direct D x D solve here; the official backward reuses its CG (docstring 4)
-        u = torch.linalg.solve(sigma, g)  # Sigma symmetric: dL/dmu = Sigma^-1 g
-        return -u.unsqueeze(-1) * rho.unsqueeze(-2), u, None  # dL/dSigma = -u rho^T
+def blockwise_backward_triton(q, k, v, g, rho, sc, lam, causal, eps, n_iter, tol, block):
+    """Launch the two backward kernels (query tiles, then key tiles): q, k, v (N, S, D), g = dL/do, rho from the
+    forward, sc (N,) -> dq, dk, dv (fp32) and ds (N,)."""
+    meta = _triton_meta(q, k, v, causal, block)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g, rho, sc = g.to(q.dtype).contiguous(), rho.float().contiguous(), sc.float().contiguous()
+    (N, Sq, D), (Sk, Dv) = q.shape, v.shape[1:]
+    dq, u, dmu = (torch.empty(N, Sq, D, dtype=torch.float32, device=q.device) for _ in range(3))
+    rows = torch.empty(N, Sq, 4, dtype=torch.float32, device=q.device)  # m, delta, c, q.A per query row
+    dk = torch.empty(N, Sk, D, dtype=torch.float32, device=q.device)
+    dv = torch.empty(N, Sk, Dv, dtype=torch.float32, device=q.device)
+    _lla_bwd_q_kernel[(triton.cdiv(Sq, block), N)](q, k, v, sc, g, rho, dq, u, dmu, rows, Sq, Sk, D, Dv, float(lam),
+                                                    float(eps), float(tol), int(n_iter), **meta)
+    _lla_bwd_kv_kernel[(triton.cdiv(Sk, block), N)](q, k, v, sc, g, rho, u, dmu, rows, dk, dv, Sq, Sk, D, Dv, **meta)
+    return dq, dk, dv, rows[..., 3].sum(1)
 
 
 class _LLABlockwise(torch.autograd.Function):
-    """Forward: FlashLLA (torch loops or the Triton kernel). Backward: recompute each query tile in torch."""
+    """FlashLLA forward and its matrix-free backward (docstring 4), both in torch loops or both as Triton kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, sc, lam, causal, eps, n_iter, tol, block, engine):
         fwd = blockwise_forward_triton if engine == "triton" else blockwise_forward_torch
         o, rho = fwd(q, k, v, sc, lam, causal, eps, n_iter, tol, block)
         ctx.save_for_backward(q, k, v, sc, rho)
-        ctx.cfg = (lam, causal, eps, block)
+        ctx.cfg = (lam, causal, eps, n_iter, tol, block, engine)
         return o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, sc, rho = ctx.saved_tensors
-        lam, causal, eps, block = ctx.cfg
-        wd = _solve_dtype(q)
-        kw, vw, sw = (t.detach().to(wd).requires_grad_() for t in (k, v, sc))
-        dq, dk, dv, ds = torch.zeros_like(q, dtype=wd), torch.zeros_like(kw), torch.zeros_like(vw), torch.zeros_like(sw)
-        eye = torch.eye(q.shape[-1], dtype=wd, device=q.device)
-        for r0 in range(0, q.shape[1], block):
-            with torch.enable_grad():
-                qr = q[:, r0: r0 + block].detach().to(wd).requires_grad_()
-                R, n_cols = qr.shape[1], (min(k.shape[1], r0 + block) if causal else k.shape[1])
-                kc, vc = kw[:, :n_cols], vw[:, :n_cols]
-                a = sw.view(-1, 1, 1) * (qr @ kc.transpose(1, 2))  # (N,R,C)
-                if causal:
-                    cols = torch.arange(n_cols, device=q.device)
-                    a = a.masked_fill(cols > torch.arange(r0, r0 + R, device=q.device).view(R, 1), float("-inf"))
-                w = torch.exp(a - a.amax(-1, keepdim=True).detach())
-                omega, mu_t = w.sum(-1, keepdim=True), w @ kc
-                mu = mu_t - omega * qr
-                d = kc.unsqueeze(1) - qr.unsqueeze(2)  # (N,R,C,D) k_j - q_i for this tile only
-                sigma = torch.einsum("nrc,nrcd,nrce->nrde", w, d, d) + lam * omega.unsqueeze(-1) * eye
-                r_ = _ImplicitSolve.apply(sigma, mu, rho[:, r0: r0 + R].to(wd))
-                delta = omega - (mu * r_).sum(-1, keepdim=True)
-                delta = delta + eps * torch.where(delta >= 0, 1.0, -1.0).detach()
-                ell = w * (1 - r_ @ kc.transpose(1, 2) + (r_ * qr).sum(-1, keepdim=True)) / delta
-                gq, gk, gv, gs = torch.autograd.grad(ell @ vc, (qr, kw, vw, sw), g[:, r0: r0 + R].to(wd))
-            dq[:, r0: r0 + R] = gq
-            dk, dv, ds = dk + gk, dv + gv, ds + gs
+        lam, causal, eps, n_iter, tol, block, engine = ctx.cfg
+        bwd = blockwise_backward_triton if engine == "triton" else blockwise_backward_torch
+        dq, dk, dv, ds = bwd(q, k, v, g, rho, sc, lam, causal, eps, n_iter, tol, block)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds.to(sc.dtype), *([None] * 7)
 
 
@@ -835,20 +1059,28 @@ def official_flashlla() -> Callable | None:
 
 def kernel_sweep(kernels: dict, seqs, N: int, D: int, dtype, device, lam: float, n_iter: int) -> list[dict]:
     """Time each blockwise kernel name -> fn(q, k, v) on (N, S, D) inputs for every S in seqs: forward and
-    forward+backward (median ms), peak MiB on CUDA, and max |out - fp32 moment path|. A kernel that raises is
-    reported in its row instead of stopping the sweep (the authors' kernel is not ours to assert on)."""
+    forward+backward (median ms), peak MiB on CUDA, max |out - fp32 moment path| and the largest relative gradient
+    error against that path's autograd. A kernel that raises is reported in its row instead of stopping the sweep
+    (the authors' kernel is not ours to assert on)."""
     cuda, rows = device.type == "cuda", []
     for S in seqs:
         gen = torch.Generator().manual_seed(S)
         q, k, v = (unit(torch.randn(N, S, D, generator=gen)).to(device, dtype).requires_grad_() for _ in range(3))
-        with torch.no_grad():  # the moment path in fp32 (tested equal to the literal reference) is the yardstick
-            ref = attention_fused(*(t.float()[None] for t in (q, k, v)), lam=lam, causal=True)[0]
+        # the moment path in fp32 (tested equal to the literal reference) is the yardstick, outputs and gradients
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        ref = attention_fused(*(t[None] for t in leaves), lam=lam, causal=True)[0]
+        gr = torch.randn(ref.shape, generator=gen).to(device)
+        ref_grads = torch.autograd.grad(ref, leaves, gr)
+        ref = ref.detach()
         for name, fn in kernels.items():
             fwd = lambda: torch.no_grad()(fn)(q, k, v)  # noqa: E731
             fb = lambda: fn(q, k, v).float().sum().backward()  # noqa: E731
             row = {"S": S, "kernel": name}
             try:
                 row["max_err"] = float((fwd().float() - ref).abs().max())
+                grads = torch.autograd.grad(fn(q, k, v).float(), (q, k, v), gr)
+                row["grad_err"] = max(float((a.float() - b).abs().max() / b.abs().max()) for a, b in zip(grads,
+                                                                                                         ref_grads))
                 for what, f in (("fwd", fwd), ("fwd+bwd", fb)):
                     row[f"{what}_ms"] = shared.benchmark(f, device, warmup=2, repeats=5)
                     if cuda:
@@ -861,8 +1093,9 @@ def kernel_sweep(kernels: dict, seqs, N: int, D: int, dtype, device, lam: float,
                 row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             q.grad = k.grad = v.grad = None
             rows.append(row)
-    cols = ["S", "kernel", "fwd_ms", "fwd+bwd_ms", "fwd_mb", "fwd+bwd_mb", "max_err"]
-    shared.print_table(["S", "kernel", "fwd ms", "fwd+bwd ms", "fwd MiB", "fwd+bwd MiB", "max |err|"],
+    cols = ["S", "kernel", "fwd_ms", "fwd+bwd_ms", "fwd_mb", "fwd+bwd_mb", "max_err", "grad_err"]
+    shared.print_table(["S", "kernel", "fwd ms", "fwd+bwd ms", "fwd MiB", "fwd+bwd MiB", "max |err|",
+                        "grad err (max over q,k,v of max|err|/max|ref|)"],
                        [[r.get(c, r.get("failed", "")) if c == "max_err" else r.get(c, "") for c in cols]
                         for r in rows])
     return rows
@@ -921,7 +1154,7 @@ def bench(args: Args, device) -> dict:
 
     sweep = []  # first: the kernels' side-by-side timing is what the GPU bench is for
     if cuda and triton is not None:  # our kernel against the authors' at the paper's shapes: D=64, bf16, S up to 4K
-        kernels = {"ours (Triton fwd, torch tile bwd)": lambda q, k, v: attention_triton(
+        kernels = {"ours (Triton fwd + bwd)": lambda q, k, v: attention_triton(
             q[None], k[None], v[None], lam=lam, causal=True, n_iter=it)[0]}
         if official is not None:
             kernels["official FlashLLA"] = lambda q, k, v: official(q, k, v, ridge_lambda=lam, cg_max_iters=it)
