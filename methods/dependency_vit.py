@@ -92,7 +92,10 @@ Implementation details
        natural log, checked in the tests); its backward raises NotImplementedError on CPU, so the path uses SDPA.
        `--bench` on the quiet 2-core CPU, 1 thread, B=4 H=12 N=196 C_h=16 fp32: reference vs fused 7.8 vs 9.5 ms
        forward, 19.5 vs 22.4 ms forward+backward, 22.9 vs 5.0 MiB kept for the backward; train step eager 168 ms vs
-       compiled 126 ms. On CPU the fused path buys memory, not speed, at these sizes (GPU numbers: not measured).
+       compiled 126 ms. On CPU the fused path buys memory, not speed, at these sizes. One H200, `--bench --device
+       cuda` (B=32 H=12 N=196 C_h=16 bf16): reference 0.33 vs fused 2.36 ms forward, 1.50 vs 5.14 ms
+       forward+backward (the fused path's LSE pass costs more than the small N x N it avoids); train step 12x192,
+       B=256, eager 99 ms vs compiled 52 ms.
     6. Optimiser: AdamW lr 2e-3, wd 0.05, batch 64, linear warm-up 10% then cosine to 0 (one-cycle-like), as assumed
        by the card (the paper's recipe was not retrievable; DeiT-style on ImageNet in the paper preset).
 

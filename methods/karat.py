@@ -99,8 +99,10 @@ Implementation details:
        (B, H, N, N, 2G) feature tensor is still formed and kept for the gradient of the coefficients, so the memory
        saving is small (--bench, CPU, ViT-Tiny shapes, batch 4: 22.2 vs 25.3 MB saved for backward; forward 126 vs
        156 ms, forward+backward 282 vs 315 ms, a G3B train step 227 ms eager vs 126 ms compiled, measured with
-       other jobs running). Removing that tensor needs a kernel that recomputes the features in the backward (not
-       done here).
+       other jobs running; one H200, batch 32 fp32, fused vs reference: forward 0.66 vs 0.65 ms, forward+backward
+       3.13 vs 2.59 ms, 177 vs 201 MB saved for backward, peak 545 vs 687 MB; a train step 19.5 ms eager vs 16.4 ms
+       compiled).
+       Removing that tensor needs a kernel that recomputes the features in the backward (not done here).
     5. Training: AdamW (lr 2e-3, wd 0.05) with torch's one-cycle schedule, batch 64, random +-1 px roll, 40 epochs,
        the card's CPU recipe; the test split (360 of 1,797 digits) is fixed by TEST_SEED for every seed.
     6. Diagnostics on 64 test images after training: fraction of negative entries of the learned map, fraction of
