@@ -1154,8 +1154,8 @@ def bench(args: Args, device) -> dict:
 
     sweep = []  # first: the kernels' side-by-side timing is what the GPU bench is for
     if cuda and triton is not None:  # our kernel against the authors' at the paper's shapes: D=64, bf16, S up to 4K
-        kernels = {"ours (Triton fwd + bwd)": lambda q, k, v: attention_triton(
-            q[None], k[None], v[None], lam=lam, causal=True, n_iter=it)[0]}
+        kernels = {f"ours (Triton fwd + bwd), tiles of {b}": lambda q, k, v, b=b: attention_triton(
+            q[None], k[None], v[None], lam=lam, causal=True, n_iter=it, block=b)[0] for b in (64, 128)}
         if official is not None:
             kernels["official FlashLLA"] = lambda q, k, v: official(q, k, v, ridge_lambda=lam, cg_max_iters=it)
         print(f"kernel sweep: N={2 * N} heads, D={D}, {str(dtype)[6:]}, lambda={lam:g}, {it} CG iterations, causal")
