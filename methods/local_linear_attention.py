@@ -501,6 +501,27 @@ def _tile(q, K, base, c0, rows, S_K, D, sc2, cc, dd, CAUSAL: tl.constexpr, PREC:
     return kt, cols, tl.where(ok, a, float("-inf"))
 
 
+def _stats_rows(q, K, kbase, rows, S_K, D, sc2, cc, dd, n_cols, CAUSAL: tl.constexpr, JACOBI: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pass 1 for the BLOCK_R rows of a tile: the running max m, omega = sum_j w_ij, M = sum_j w_ij k_j and (JACOBI)
+    Dg = sum_j w_ij k_j*k_j, rescaled by 2^(m_old - m_new) whenever the max grows."""
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    om = tl.zeros((BLOCK_R,), tl.float32)
+    M = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    Dg = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for c0 in range(0, n_cols, BLOCK_C):
+        kt, cols, a = _tile(q, K, kbase, c0, rows, S_K, D, sc2, cc, dd, CAUSAL, PREC)
+        m_new = tl.maximum(m, tl.max(a, 1))
+        alpha = tl.math.exp2(m - m_new)
+        w = tl.math.exp2(a - m_new[:, None])
+        om = om * alpha + tl.sum(w, 1)
+        M = M * alpha[:, None] + tl.dot(w.to(kt.dtype), kt, input_precision=PREC)
+        if JACOBI:
+            Dg = Dg * alpha[:, None] + tl.dot(w.to(kt.dtype), kt * kt, input_precision=PREC)
+        m = m_new
+    return m, om, M, Dg
+
+
 def _cg_rows(q, qf, K, kbase, rows, S_Q, S_K, D, sc2, cc, dd, n_cols, m, M, om, lam_om, b, diag, n_iter, tol,
              CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
              BLOCK_D: tl.constexpr):
@@ -553,20 +574,8 @@ def _lla_fwd_kernel(Q, K, V, SC, OUT, RHO, S_Q, S_K, D, DV, lam, eps, tol, n_ite
     if CAUSAL:
         n_cols = tl.minimum(S_K, pid_r * BLOCK_R + BLOCK_R)
     # ---- pass 1: online statistics
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    om = tl.zeros((BLOCK_R,), tl.float32)
-    M = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    Dg = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for c0 in range(0, n_cols, BLOCK_C):
-        kt, cols, a = _tile(q, K, kbase, c0, rows, S_K, D, sc2, cc, dd, CAUSAL, PREC)
-        m_new = tl.maximum(m, tl.max(a, 1))
-        alpha = tl.math.exp2(m - m_new)
-        w = tl.math.exp2(a - m_new[:, None])
-        om = om * alpha + tl.sum(w, 1)
-        M = M * alpha[:, None] + tl.dot(w.to(kt.dtype), kt, input_precision=PREC)
-        if JACOBI:
-            Dg = Dg * alpha[:, None] + tl.dot(w.to(kt.dtype), kt * kt, input_precision=PREC)
-        m = m_new
+    m, om, M, Dg = _stats_rows(q, K, kbase, rows, S_K, D, sc2, cc, dd, n_cols, CAUSAL, JACOBI, PREC, BLOCK_R, BLOCK_C,
+                               BLOCK_D)
     mu = M - om[:, None] * qf
     lam_om = lam * om
     diag = tl.full((BLOCK_R, BLOCK_D), 1.0, tl.float32)
@@ -615,17 +624,8 @@ def _lla_bwd_q_kernel(Q, K, V, SC, G, RHO, DQ, U, DMU, ROWS, S_Q, S_K, D, DV, la
     if CAUSAL:
         n_cols = tl.minimum(S_K, pid_r * BLOCK_R + BLOCK_R)
     # ---- pass 1: online statistics, as in the forward
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    om = tl.zeros((BLOCK_R,), tl.float32)
-    M = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for c0 in range(0, n_cols, BLOCK_C):
-        kt, cols, a = _tile(q, K, kbase, c0, rows, S_K, D, sc2, cc, dd, CAUSAL, PREC)
-        m_new = tl.maximum(m, tl.max(a, 1))
-        alpha = tl.math.exp2(m - m_new)
-        w = tl.math.exp2(a - m_new[:, None])
-        om = om * alpha + tl.sum(w, 1)
-        M = M * alpha[:, None] + tl.dot(w.to(kt.dtype), kt, input_precision=PREC)
-        m = m_new
+    m, om, M, _ = _stats_rows(q, K, kbase, rows, S_K, D, sc2, cc, dd, n_cols, CAUSAL, False, PREC, BLOCK_R, BLOCK_C,
+                              BLOCK_D)
     mu = M - om[:, None] * qf
     lam_om = lam * om
     delta = om - tl.sum(mu * rho, 1)
@@ -739,6 +739,7 @@ def _lla_bwd_kv_kernel(Q, K, V, SC, G, RHO, U, DMU, ROWS, DK, DVV, S_Q, S_K, D, 
 _tile = triton.jit(_tile) if triton is not None else _tile
 _lla_fwd_kernel = triton.jit(_lla_fwd_kernel) if triton is not None else _lla_fwd_kernel
 _cg_rows = triton.jit(_cg_rows) if triton is not None else _cg_rows
+_stats_rows = triton.jit(_stats_rows) if triton is not None else _stats_rows
 _lla_bwd_q_kernel = triton.jit(_lla_bwd_q_kernel) if triton is not None else _lla_bwd_q_kernel
 _lla_bwd_kv_kernel = triton.jit(_lla_bwd_kv_kernel) if triton is not None else _lla_bwd_kv_kernel
 
