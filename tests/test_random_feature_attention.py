@@ -94,6 +94,13 @@ def test_model_output_is_the_feature_matrix_times_the_trained_weights(attn):
         np.testing.assert_allclose(model(X_te).detach().numpy(), Phi @ w[:, j].numpy() + b[j].item(), atol=1e-10)
 
 
+def test_trained_values_live_on_the_device_of_the_frozen_weights():
+    """V and b follow W (a CUDA run once failed with V left on the CPU); the meta device shows it without a GPU."""
+    model = m.RandomFeatureAttention(torch.zeros(3, 5, 5, dtype=torch.float64, device="meta"), m.ATTENTION["fused"])
+    assert {t.device.type for t in (model.W, model.V, model.b)} == {"meta"}
+    assert model.V.dtype == model.b.dtype == torch.float64
+
+
 def test_closed_form_ridge_matches_gradient_descent_primal_and_dual():
     g = torch.Generator().manual_seed(4)
     Z, Y = torch.randn(15, 6, generator=g, dtype=torch.float64), torch.randn(15, 2, generator=g, dtype=torch.float64)
