@@ -33,8 +33,8 @@ Run:  python methods/local_linear_attention.py                       # default: 
       python methods/local_linear_attention.py --help
       TRITON_INTERPRET=1 python methods/local_linear_attention.py --preset smoke --attn triton   # kernel on CPU
 
-Expected (default preset, seed 0: 128 s (~2.1 min) on a quiet 2-core CPU with 2 threads; 266 s of CPU time with 1
-thread; the numbers are the same with 1 or 2 threads):
+Expected (default preset, seed 0: 128 s, and 157 s on a later day (2.1-2.6 min), on a quiet 2-core CPU with 2
+threads; 266 s of CPU time with 1 thread; the numbers are the same with 1 or 2 threads):
     | task A MSE               | LLA                     | softmax  | LA     | ridge   | card (numpy)             |
     |--------------------------|-------------------------|----------|--------|---------|--------------------------|
     | sphere: MSE at s=16      | 0.002825                | 0.01006  | 0.294  | 0.03777 | 0.0027,0.0097,0.30,0.037 |
