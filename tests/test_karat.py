@@ -45,6 +45,23 @@ def test_fused_equals_reference_outputs_and_gradients(include_dc, std, G):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+def test_fourier_gemm_backward_rebuilds_the_features_and_is_exact():
+    """The custom backward (dF/dA = [-m sin mA, m cos mA], the batch-summed dab) against finite differences."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    ab = torch.randn(3, 5 * 4 * 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: m._FourierGEMM.apply(a, b, 4), (scores, ab))
+
+
+def test_fused_path_keeps_the_scores_but_not_the_fourier_features_for_the_backward():
+    inputs = random_inputs(B=2, H=3, N=10, G=3)
+    kept: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        m.attention_fused(*inputs, True)
+    scores, features = 2 * 3 * 10 * 10, 2 * 3 * 10 * 10 * 3 * 2
+    assert max(kept) == scores < features
+
+
 def test_dc_sine_coefficient_is_dead_and_dc_cosine_is_a_constant():
     """With m = 0..G the sine at m = 0 multiplies sin(0) = 0 (no gradient), the cosine adds sum_q a_pq0 to Z."""
     q, k, v, coef, w = random_inputs()
