@@ -107,7 +107,8 @@ Implementation details:
          | 4096 | 4.87     | 2.85         | 344                          | 6.96             |
      So our forward kernel is faster at S=1024 (1.4x) and falls behind with length (1.7x slower at 4096: one fixed
      64x64 tile, where the authors autotune tiles up to 256). The old torch backward was 35-50x slower than the
-     authors' Triton backward; the Triton backward that replaced it is untimed.
+     authors' Triton backward; the Triton backward that replaced it is untimed. The `paper` preset (Triton path
+     under torch.compile, task B at width 256) has never been run.
 
 Deviations from the paper:
   1. The paper's model sizes, optimiser settings and numeric tables could not be retrieved (only its front matter and
