@@ -93,9 +93,10 @@ Implementation details:
   6. The Triton kernels were written on CPU and checked there under TRITON_INTERPRET=1 (fp32, tiles of 16) against the
      fp64 reference (outputs, dq, dk, dv and the scale's gradient). On CPU, `--bench` (N=4 S=256 D=16 fp32, quiet
      2-core CPU) gives moment-SDPA 2.7-3.1x faster than the reference forward and forward+backward and the compiled
-     blockwise forward 2.0x. On one H200 (torch 2.11, triton 3.6), with the forward kernel of this file and the
-     EARLIER backward (autograd recomputation of each query tile in torch, since replaced by the kernels of point 4,
-     whose GPU test and timing have not run yet), the `-m gpu` tests passed (fp32 to 1e-4, bf16 to 3e-2, outputs and
+     blockwise forward 2.0x. On one H200 (torch 2.11, triton 3.6), with the forward kernel as it was then (the same
+     operations, since split into the jit helpers _stats_rows and _cg_rows) and the EARLIER backward (autograd
+     recomputation of each query tile in torch, since replaced by the kernels of point 4, whose GPU test and timing
+     have not run yet), the `-m gpu` tests passed (fp32 to 1e-4, bf16 to 3e-2, outputs and
      gradients) and `--bench --device cuda` (N=4 S=2048 D=64 bf16, lambda=10, 16 CG iterations, causal) gave:
      reference 9.9 ms forward / 20.4 ms forward+backward; our Triton forward 1.01 ms (9.8x) at 75 MiB peak against
      the reference's 622 MiB; the authors' FlashLLA kernels (flashlla.lla_attention, installed beside the repo for
