@@ -123,10 +123,13 @@ Deviations from the paper:
   3. Task B's MesaNet-like layer uses a fixed ridge (1.0) and a plain running solve, not MesaNet's gated, learned-
      lambda CG layer. MQAR (task C) and state tracking are not reproduced.
   4. The backward is our own derivation (point 4 above), not a port of the official one: the same two CG solves
-     and sweep structure. Our F_ij has the term -lambda u.rho from the ridge lambda*omega (dropping it breaks the
-     fp64 gradient check by O(1) at lambda=0.3); the official backward as read at commit d104afa has no such term in
-     its per-pair factor. Whether its gradients differ is what the `grad err` column of the GPU kernel sweep shows;
-     it has not run yet.
+     and sweep structure, but our F_ij has the term -lambda u.rho, the gradient through omega in the ridge
+     lambda*omega. The official backward (commit d104afa: its naive torch reference and the Triton kernels that
+     mirror it) has no such term, i.e. it treats lambda*omega as a constant that its forward does not. We checked
+     the official NAIVE formula on CPU in fp64 (a scratch transcription, never in this repository) against autograd
+     through the official naive forward: dq off by 19% / 3.8% of its largest entry at lambda = 0.3 / 10 (dk 6.5% /
+     2.5%, dv exact), and exact to 1e-15 once the term is added. The `grad err` column of the GPU kernel sweep
+     measures the same on the official Triton kernels; it has not run yet.
   5. The moment path applies the eps guard to delta/omega (omega is not returned by SDPA); with eps = 1e-12 the
      difference is below 1e-12 relative.
 """
