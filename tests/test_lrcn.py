@@ -48,6 +48,22 @@ def test_lstm_paths_agree_on_outputs_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_fused_lstm_runs_in_training_mode_whenever_a_backward_can_follow(monkeypatch):
+    """cuDNN refuses the backward of an RNN called with train=False (a CUDA run failed so); CPU does not care."""
+    seen, real = [], torch.lstm
+
+    def spy(*a):
+        seen.append(a[6])  # torch.lstm(input, hx, params, has_biases, num_layers, dropout, train, ...)
+        return real(*a)
+
+    monkeypatch.setattr(torch, "lstm", spy)
+    x, w = torch.randn(3, 2, 4), [torch.randn(8, 4), torch.randn(8, 2), torch.randn(8)]
+    m.lstm_fused(x, *w)
+    with torch.no_grad():
+        m.lstm_fused(x, *w)
+    assert seen == [True, False]
+
+
 def test_reference_equals_nn_lstm_after_copying_weights():
     """An independent implementation: torch.nn.LSTM with our weights copied in (gates i, f, g, o; b_hh = 0)."""
     x, w = random_lstm(T=9, B=2, D=4, H=6, seed=1)
