@@ -76,11 +76,18 @@ def assert_causal_attention_paths_agree(module, shape=(2, 3, 17, 8)) -> None:
     outputs and gradients in float64 on an odd sequence length, at tight tolerances."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out_ref, out_fused = module.attention_reference(q, k, v), module.attention_fused(q, k, v)
-    torch.testing.assert_close(out_fused, out_ref, atol=1e-12, rtol=1e-10)
-    g = torch.randn_like(out_ref)
-    for a, b in zip(torch.autograd.grad(out_fused, (q, k, v), g), torch.autograd.grad(out_ref, (q, k, v), g)):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    assert_outputs_and_grads_close(module.attention_fused(q, k, v), module.attention_reference(q, k, v), (q, k, v),
+                                   atol=1e-12, rtol=1e-10)
+
+
+def assert_outputs_and_grads_close(out, ref, inputs, atol: float, rtol: float, grad_tol: float = 1.0) -> None:
+    """out == ref, and so are their gradients w.r.t. inputs under one random output gradient, all compared in ref's
+    dtype; the gradients with the tolerances times grad_tol."""
+    torch.testing.assert_close(out.to(ref.dtype), ref, atol=atol, rtol=rtol)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out.to(ref.dtype), inputs, g, retain_graph=True),
+                    torch.autograd.grad(ref, inputs, g, retain_graph=True)):
+        torch.testing.assert_close(a.to(b.dtype), b, atol=grad_tol * atol, rtol=grad_tol * rtol)
 
 
 def write_pickle(path: Path, obj) -> None:

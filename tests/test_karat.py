@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import shared
-from conftest import assert_usage_error, load, run_script, smoke_determinism, spoil, write_cifar10, write_pickle
+from conftest import (assert_outputs_and_grads_close, assert_usage_error, load, run_script, smoke_determinism, spoil,
+                      write_cifar10, write_pickle)
 
 SLUG = "karat"
 m = load(SLUG)
@@ -37,12 +38,8 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
 @pytest.mark.parametrize("include_dc, std, G", [(True, 1.0, 3), (False, 1.0, 3), (True, 0.1, 1), (False, 1.0, 4)])
 def test_fused_equals_reference_outputs_and_gradients(include_dc, std, G):
     inputs = random_inputs(G=G, include_dc=include_dc, std=std)
-    out_ref = m.attention_reference(*inputs, include_dc)
-    out_fused = m.attention_fused(*inputs, include_dc)
-    torch.testing.assert_close(out_fused, out_ref, atol=1e-10, rtol=1e-10)
-    g = torch.randn_like(out_ref)
-    for a, b in zip(torch.autograd.grad(out_fused, inputs, g), torch.autograd.grad(out_ref, inputs, g)):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert_outputs_and_grads_close(m.attention_fused(*inputs, include_dc), m.attention_reference(*inputs, include_dc),
+                                   inputs, atol=1e-10, rtol=1e-10)
 
 
 def test_fourier_gemm_backward_rebuilds_the_features_and_is_exact():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_usage_error, load, run_script, smoke_determinism
+from conftest import ROOT, assert_outputs_and_grads_close, assert_usage_error, load, run_script, smoke_determinism
 
 m = load("local_linear_attention")
 F64 = torch.float64
@@ -23,14 +23,6 @@ def qkv(B=2, H=3, Sq=17, Sk=17, D=5, Dv=3, seed=0, dtype=F64, grad=True):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, H, S, E, generator=g, dtype=dtype).requires_grad_(grad)
             for S, E in ((Sq, D), (Sk, D), (Sk, Dv))]
-
-
-def assert_same(out, ref, inputs, atol, rtol):
-    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
-    g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, inputs, g, retain_graph=True),
-                    torch.autograd.grad(ref, inputs, g, retain_graph=True)):
-        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
@@ -44,8 +36,8 @@ def test_fused_equals_reference_outputs_and_gradients(causal, Sq, Sk):
     q, k, v = qkv(Sq=Sq, Sk=Sk)
     scale = torch.tensor([0.5, 0.8, 1.1], dtype=F64).view(1, 3, 1, 1).requires_grad_()  # learned per-head scale
     kw = dict(lam=0.3, causal=causal, scale=scale, eps=0.0)
-    assert_same(m.attention_fused(q, k, v, **kw), m.attention_reference(q, k, v, **kw), (q, k, v, scale), 1e-10,
-                1e-9)
+    assert_outputs_and_grads_close(m.attention_fused(q, k, v, **kw), m.attention_reference(q, k, v, **kw),
+                                   (q, k, v, scale), 1e-10, 1e-9)
 
 
 @pytest.mark.parametrize("causal, Sq, Sk", [(True, 19, 19), (False, 11, 21)])
@@ -56,7 +48,7 @@ def test_blockwise_cg_equals_reference_outputs_and_gradients(causal, Sq, Sk):
     scale = torch.tensor([0.7, 0.4, 1.2], dtype=F64).view(1, 3, 1, 1).requires_grad_()
     kw = dict(lam=0.5, causal=causal, scale=scale, eps=0.0)
     out = m.attention_blockwise(q, k, v, n_iter=10, tol=1e-30, block=8, **kw)  # 3 tiles, n_iter >= D
-    assert_same(out, m.attention_reference(q, k, v, **kw), (q, k, v, scale), 1e-10, 1e-9)
+    assert_outputs_and_grads_close(out, m.attention_reference(q, k, v, **kw), (q, k, v, scale), 1e-10, 1e-9)
 
 
 def test_jacobi_preconditioned_cg_gives_the_same_solution():
@@ -207,10 +199,7 @@ def test_compiled_triton_kernel_on_cuda(dtype, tol):
     kw = dict(lam=10.0, causal=True)
     out = m.attention_triton(q, k, v, n_iter=32, **kw)
     ref = m.attention_reference(q.float(), k.float(), v.float(), **kw)
-    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
-    gr = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out.float(), (q, k, v), gr), torch.autograd.grad(ref, (q, k, v), gr)):
-        torch.testing.assert_close(a.float(), b.float(), atol=10 * tol, rtol=10 * tol)
+    assert_outputs_and_grads_close(out, ref, (q, k, v), atol=tol, rtol=tol, grad_tol=10)
 
 
 def test_kernel_sweep_times_each_kernel_and_reports_a_failing_one_without_stopping():
