@@ -446,6 +446,7 @@ def _blockwise_rows_backward(q, k, v, g, rho, sc, r0, causal, lam, eps, n_iter, 
     U = _cg_solve(q, M, omega, lam_om, weights, n_cols, bc, T, torch.ones_like(q), n_iter, tol)
     u = -U + beta * rho  # Sigma^-1 (dL/drho), dL/drho = -T + beta mu
     dmu = u + beta * rho  # dL/dmu: through rho and through delta = omega - mu.rho
+    # DEVIATION: -lambda u.rho (through omega in the ridge) is absent from the official backward (docstring 4)
     c = -beta - lam * (u * rho).sum(-1, keepdim=True)  # the part of dL/dw_ij that is the same for every j
     uq, dmq = (u * q).sum(-1, keepdim=True), (dmu * q).sum(-1, keepdim=True)
     # ---- sweep 2: F_ij = dL/dw_ij; dq from the scores, dk and dv of this tile's keys
@@ -659,7 +660,7 @@ def _lla_bwd_q_kernel(Q, K, V, SC, G, RHO, DQ, U, DMU, ROWS, S_Q, S_K, D, DV, la
                   CAUSAL, PREC, BLOCK_R, BLOCK_C, BLOCK_D)
     u = -Us + beta[:, None] * rho
     dmu = u + beta[:, None] * rho
-    c = -beta - lam * tl.sum(u * rho, 1)
+    c = -beta - lam * tl.sum(u * rho, 1)  # DEVIATION: the ridge term the official backward lacks (docstring 4)
     uq, dmq = tl.sum(u * qf, 1), tl.sum(dmu * qf, 1)
     # ---- sweep 2: F_ij = dL/dw_ij, A = sum_j F_ij w_ij k_j
     A = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
@@ -1099,11 +1100,10 @@ def kernel_sweep(kernels: dict, seqs, N: int, D: int, dtype, device, lam: float,
                 row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             q.grad = k.grad = v.grad = None
             rows.append(row)
-    cols = ["S", "kernel", "fwd_ms", "fwd+bwd_ms", "fwd_mb", "fwd+bwd_mb", "max_err", "grad_err"]
+    cols = ["S", "kernel", "fwd_ms", "fwd+bwd_ms", "fwd_mb", "fwd+bwd_mb", "max_err", "grad_err", "failed"]
     shared.print_table(["S", "kernel", "fwd ms", "fwd+bwd ms", "fwd MiB", "fwd+bwd MiB", "max |err|",
-                        "grad err (max over q,k,v of max|err|/max|ref|)"],
-                       [[r.get(c, r.get("failed", "")) if c == "max_err" else r.get(c, "") for c in cols]
-                        for r in rows])
+                        "grad err (max over q,k,v of max|err|/max|ref|)", "failed"],
+                       [[r.get(c, "") for c in cols] for r in rows])
     return rows
 
 
