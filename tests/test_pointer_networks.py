@@ -22,6 +22,25 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
     assert c["history"] != a["history"]  # the seed reaches weights and the training stream
 
 
+def test_head_to_head_models_train_on_the_same_examples_at_the_compare_n(tmp_path, monkeypatch):
+    calls, real = [], m.make_batch
+
+    def spy(task, rng, B, n_min, n_max):
+        batch = real(task, rng, B, n_min, n_max)
+        calls.append((task, n_min, n_max, batch))
+        return batch
+    monkeypatch.setattr(m, "make_batch", spy)
+    args = replace(m.PRESETS["smoke"], out_dir=str(tmp_path), hull_test_ns=(5, 8, 10, 20), hull_compare_n=8)
+    m.main(args)
+    k, c = args.hull_steps, args.hull_compare_steps  # order: hull 5..10 Ptr-Net, Ptr-Net at n, seq2seq at n, TSP
+    assert [x[:3] for x in calls[:k]] == [("hull", 5, 10)] * k
+    ptr, s2s = calls[k:k + c], calls[k + c:k + 2 * c]
+    assert [x[:3] for x in ptr] == [x[:3] for x in s2s] == [("hull", 8, 8)] * c
+    for (*_, a), (*_, b) in zip(ptr, s2s):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(calls[0][3][0][:, :5], ptr[0][3][0][:, :5])  # a stream of its own
+
+
 # ------------------------------------------------------------------------------------------- fused == reference
 def random_scores(B=3, m_=7, N=13, d=9, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -217,6 +236,7 @@ def test_malformed_data_dir_file_exits_2(tmp_path):
     (["--hidden", "0"], "hidden"),
     (["--hull-n-min", "2"], "at least 3"),
     (["--hull-test-ns", "4", "10", "20"], "below the training minimum"),
+    (["--hull-compare-n", "15"], "--hull-compare-n 15"),
 ])
 def test_bad_arguments_exit_2_with_one_sentence(flags, word):
     assert_usage_error(run_script("pointer_networks", "--preset", "smoke", *flags), word)
@@ -224,7 +244,7 @@ def test_bad_arguments_exit_2_with_one_sentence(flags, word):
 
 def test_validate_rejects_in_process():
     for bad in (dict(tsp_test_ns=(5, 8, 13)), dict(hull_test_ns=(5, 10)), dict(hull_n_max=4), dict(lr=0.0),
-                dict(data_dir="/no/such/folder")):
+                dict(hull_compare_n=40), dict(hull_compare_steps=0), dict(data_dir="/no/such/folder")):
         with pytest.raises(shared.UsageError):
             m.validate(replace(m.Args(), **bad))
 
@@ -233,13 +253,20 @@ def test_claim_logic_passes_and_names_each_failure():
     args = m.Args()
     good = {"ptr_net": {"hull_acc_n10": 0.6, "hull_area_n10": 0.99, "hull_invalid_n20": 0.02, "hull_area_n20": 0.98,
                         "tsp_gap_n5": 0.01, "tsp_gap_n8": 0.03, "tsp_len_n5": 2.14, "tsp_len_n8": 2.68},
-            "seq2seq_attn": {"hull_acc_n10": 0.39}, "nearest_neighbour": {"tsp_len_n5": 2.2, "tsp_len_n8": 2.8}}
+            "ptr_net_at_n": {"hull_acc_n50": 0.30, "hull_area_n50": 0.99},
+            "seq2seq_attn": {"hull_acc_n50": 0.0, "hull_area_n50": 0.5},
+            "nearest_neighbour": {"tsp_len_n5": 2.2, "tsp_len_n8": 2.8}}
     assert m.judge(args, good)["passed"] is True
     bad = {k: dict(v) for k, v in good.items()}
-    bad["seq2seq_attn"]["hull_acc_n10"], bad["ptr_net"]["hull_invalid_n20"] = 0.45, 0.06
+    bad["seq2seq_attn"]["hull_acc_n50"], bad["ptr_net"]["hull_invalid_n20"] = 0.15, 0.06
     claim = m.judge(args, bad)
     assert claim["passed"] is False and sum(not ok for ok in claim["checks"].values()) == 2
-    assert "margin over seq2seq+attn +15.0 points" in claim["text"] and "n=20 valid 94.0%" in claim["text"]
+    assert "over seq2seq+attn +15.0 points >= +20" in claim["text"] and "n=20 valid 94.0%" in claim["text"]
+    bad = {k: dict(v) for k, v in good.items()}
+    bad["seq2seq_attn"]["hull_area_n50"] = 0.995  # a baseline whose valid hulls cover more than Ptr-Net's
+    claim = m.judge(args, bad)
+    assert [k for k, ok in claim["checks"].items() if not ok] == [
+        "n=50 (both trained at n=50) area 0.990 > seq2seq+attn's 0.995"]
 
 
 # ------------------------------------------------------------------------------------------- the claim
