@@ -20,13 +20,19 @@ Reproduces (CPU scale: 4x4 digits as in the paper, a width-64 2-layer 4-head dec
     1. The SFT failure signature (Sec. 5, per-digit loss figure): SFT learns c_0 (>= 0.99) and the last digit
        (>= 0.95) but stays at chance on the middle digits c_3, c_4 (accuracy <= 0.15, CE >= 2.1 nats, ln 10 = 2.30),
        exact match <= 1 %.
-    2. The auxiliary running-sum loss helps where short training can see it: aux c_1 >= SFT c_1 + 0.15 and
-       aux c_2 >= SFT c_2 at equal steps.
+    2. The auxiliary running-sum loss helps where short training can see it: at equal steps the aux model's
+       cross-entropy on c_2 is below SFT's. The paper's own per-digit training losses (official repo, ckpts/
+       {aux_head,vanilla_ft}/grad_probe_log.csv) show exactly this early effect: c_2 at 1k / 4k / 16k steps 2.22 /
+       1.72 / 0.78 nats for aux vs 2.31 / 2.31 / 2.31 for SFT, while on c_1 the aux model is BEHIND (0.73 vs
+       0.04 nats at 1k steps). The card's check (aux c_1 >= SFT c_1 + 0.15 and aux c_2 >= SFT c_2) asked for the
+       opposite on c_1; it was replaced after reading those logs (the old check failed here too).
     Printed, not counted: the paper's headline (ICoT 100 %, SFT + aux 99 % exact match), the held-out R^2 of ridge
     probes for c_hat_k, and the attention statistics. The paper's aux model needed ~1.6e4 steps at width 768 before
     c_3 left ln 10 and ~1e6 to converge; its ICoT stages are one epoch (~2.5e4 steps) each. Neither is a CPU job.
-    RESULT: check 1 holds for every seed; check 2 DOES NOT hold in this implementation (the aux loss slows c_1
-    down at this scale), so the file reports the claim as NOT holding. See Expected and Deviations 2-3.
+    RESULT: check 1 holds for every seed; check 2 DOES NOT hold in this implementation: the aux loss slows c_1
+    down, as in the paper, but here SFT also gets partway on c_2 (2.02-2.07 nats, where the paper's SFT sits at
+    2.31 for 16k steps) and the aux model stays behind it there (2.24-2.27). So the file reports the claim as NOT
+    holding. See Expected and Deviations 2-3.
 
 Run
     python methods/icot_multiplication.py                        # default preset: SFT, SFT + aux loss, ICoT
@@ -36,7 +42,7 @@ Run
     python methods/icot_multiplication.py --bench                # reference vs SDPA at the paper's shapes
     python methods/icot_multiplication.py --help
 
-Expected (default preset, seed 0; 175 s on a quiet 2-core CPU, 2 threads):
+Expected (default preset, seed 0; 145 s on a quiet 2-core CPU, 2 threads; 175 s on an earlier run):
     | metric                   | ICoT (method) | SFT (baseline) | SFT + aux | paper (4x4, 2L4H)                 |
     |--------------------------|---------------|----------------|-----------|-----------------------------------|
     | exact match              | 0             | 0              | 0         | ICoT 1.00 | SFT < 0.01 | aux 0.99 |
@@ -66,23 +72,23 @@ Expected (default preset, seed 0; 175 s on a quiet 2-core CPU, 2 threads):
     | probe R^2 c_hat7         | 0.9974        | 0.9769         | 0.9922    |                                   |
     | layer1_pair_attention    | 0.1088        | 0.4288         | 0.6441    | ICoT: heads attend digit pairs    |
     | layer2_mass_off_operands | 0.7083        | 0.213          | 0.2801    | ICoT: retrieves cached pairs      |
-    CLAIM DOES NOT HOLD: SFT learns the outer digits but stays at chance (loss ln 10) on the long-range middle
-    ones, and the running-sum aux loss speeds up the digits short training can reach (card's checks 1-2)
+    CLAIM DOES NOT HOLD: SFT learns the outer digits but stays at chance (loss ln 10) on the long-range middle ones,
+    and the running-sum aux loss lowers the loss of c2, where the paper's SFT is still at chance (checks 1-2)
       [x] 1a. SFT learns the outer digits: c0 >= 0.99 and c7 >= 0.95
       [x] 1b. SFT fails the middle: c3, c4 accuracy <= 0.15 and CE >= 2.1 nats (ln 10 = 2.30)
       [x] 1c. SFT exact match <= 1%
-      [ ] 2. the aux loss helps where short training can see it: aux c1 >= SFT c1 + 0.15 and aux c2 >= SFT c2
+      [ ] 2. the aux loss helps where short training can see it: aux CE c2 2.257 < SFT's 2.036 nats
       not counted (the paper's headline needs 1e4-1e6 steps at width 768, see docstring):
-      [ ] paper: ICoT learns the middle digits (mean acc c2..c5 0.103 vs SFT 0.124; >= SFT + 0.3)
-      [ ] paper: SFT + aux learns the middle digits (mean acc 0.105; >= SFT + 0.3)
-      [x] paper: the aux loss writes c_hat_k into the residual stream (middle-k probe R^2: ICoT 0.54, SFT 0.68,
-          aux 0.99; aux >= 0.9 > SFT)
-    Seeds 1 and 2 (1 thread each): the same picture. SFT c0/c1/c2/c6/c7 accuracy 1.00/0.62/0.17/
-    0.77/0.98 and 1.00/0.51/0.17/0.64/0.98, c3/c4 CE 2.29/2.31 and 2.30/2.31; aux c1 0.35 and 0.30 (check 2
-    fails); ICoT middle digits at chance; exact match <= 0.0005 for every model; middle-k probe R^2 ICoT 0.62/0.63,
-    SFT 0.72/0.76, aux 0.97/0.99. Checks 1a-1c hold for seeds 0, 1, 2; check 2 fails for all three.
-    (The last "not counted" line was printed by these runs as "c_hat_k is linearly decodable where the task is
-    learnt"; it was renamed afterwards because the aux model does not learn the task here. Same numbers.)
+      [ ] paper: ICoT learns the middle digits (mean acc c2..c5 0.100 vs SFT 0.129; >= SFT + 0.3)
+      [ ] paper: SFT + aux learns the middle digits (mean acc 0.109; >= SFT + 0.3)
+      [x] paper: the aux loss writes c_hat_k into the residual stream
+          (middle-k probe R^2: ICoT 0.59, SFT 0.73, aux 0.98; aux >= 0.9 > SFT)
+    Seeds 1 and 2 (1 thread each, run side by side): the same picture. SFT c0/c1/c2/c6/c7 accuracy 1.00/0.62/0.17/
+    0.77/0.98 and 1.00/0.51/0.17/0.64/0.98, c3/c4 CE 2.29/2.31 and 2.30/2.31; check 2: aux CE c2 2.244 vs SFT 2.021
+    and 2.271 vs 2.065 (fails; aux c1 accuracy 0.35 and 0.30 vs SFT 0.62 and 0.51, slower as in the paper); ICoT
+    middle digits at chance; exact match <= 0.0005 for every model; middle-k probe R^2 ICoT 0.62/0.63, SFT 0.72/0.76,
+    aux 0.97/0.99. Checks 1a-1c hold for seeds 0, 1, 2; check 2 fails for all three. (The card's old check 2, aux
+    c1 >= SFT c1 + 0.15 and aux c2 acc >= SFT's, failed for all three as well.)
 
 Implementation details
     1. Vocabulary of 16 tokens: digits 0-9, "*", "<eos>", "####", "+", "(", ")". Sequence (Deng et al.'s format,
@@ -672,8 +678,10 @@ def main(args: Args) -> dict:
         f"1b. SFT fails the middle: c{n - 1}, c{n} accuracy <= 0.15 and CE >= 2.1 nats (ln 10 = 2.30)":
             all(sft[f"acc_c{k}"] <= 0.15 and sft[f"ce_c{k}"] >= 2.1 for k in (n - 1, n)),
         "1c. SFT exact match <= 1%": sft["exact_match"] <= 0.01,
-        "2. the aux loss helps where short training can see it: aux c1 >= SFT c1 + 0.15 and aux c2 >= SFT c2":
-            aux["acc_c1"] >= sft["acc_c1"] + 0.15 and aux["acc_c2"] >= sft["acc_c2"],
+        # DEVIATION from the card's check 2 (aux c1 >= SFT c1 + 0.15 and aux c2 >= SFT c2): the paper's own
+        # per-digit loss logs have the aux model BEHIND on c1 and ahead from c2 on (docstring, Reproduces)
+        f"2. the aux loss helps where short training can see it: aux CE c2 {aux['ce_c2']:.3f} < SFT's "
+        f"{sft['ce_c2']:.3f} nats": aux["ce_c2"] < sft["ce_c2"],
     }
     mid_acc = {name: float(np.mean([r[f"acc_c{k}"] for k in mid])) for name, r in results.items()}
     mid_r2 = {name: float(np.mean([r[f"probe_r2_c_hat{k}"] for k in mid])) for name, r in results.items()}
@@ -687,7 +695,8 @@ def main(args: Args) -> dict:
             mid_r2["SFT + aux"] >= 0.9 > mid_r2["SFT"],
     }
     claim = {"text": "SFT learns the outer digits but stays at chance (loss ln 10) on the long-range middle ones, "
-                     "and the running-sum aux loss speeds up the digits short training can reach (card's checks 1-2)",
+                     "and the running-sum aux loss lowers the loss of c2, where the paper's SFT is still at chance "
+                     "(checks 1-2)",
              "passed": bool(all(checks.values())), "checks": {k: bool(v) for k, v in checks.items()},
              "not_counted": {k: bool(v) for k, v in info.items()}}
 
