@@ -227,6 +227,18 @@ def test_bad_arguments_are_one_clear_sentence(flags, words):
     assert_usage_error(run_script("aro_negclip", *flags), *words)
 
 
+def test_negclip_check_is_the_paper_gain_over_clip_not_an_absolute_bar():
+    """The paper's own NegCLIP (VG-R 0.81, VG-A 0.71) must pass the NegCLIP checks against its CLIP (0.59, 0.62)."""
+    bow = {"rel": 0.55, "attr": 0.60, "order": 0.46, "i2t_r1": 0.60, "i2t_r1_shuf": 0.58}
+    R = {"CLIP": dict(bow, rel=0.59, attr=0.62), "CLIP-FT": dict(bow),
+         "NegCLIP": {"rel": 0.81, "attr": 0.71, "order": 0.86, "i2t_r1": 0.60, "i2t_r1_shuf": 0.50}}
+    claim = m.judge(R)
+    assert claim["passed"], claim["checks"]
+    R["NegCLIP"]["rel"] = 0.65  # +0.06 over CLIP: not enough
+    failed = [k for k, ok in m.judge(R)["checks"].items() if not ok]
+    assert failed == ["NegCLIP: Rel 0.650 >= CLIP's 0.590 + 0.10 and Attr 0.710 > CLIP's 0.620"]
+
+
 @pytest.mark.claim
 def test_default_preset_reproduces_the_claim(tmp_path):
     record = m.main(replace(m.Args(), out_dir=str(tmp_path)))

@@ -230,6 +230,19 @@ def test_bad_arguments_are_one_clear_sentence(flags, words):
     assert_usage_error(run_script("icot_multiplication", *flags), *words)
 
 
+def test_check_2_asks_for_the_aux_gain_on_c2_not_on_c1():
+    """The paper's per-digit logs: early on the aux model is BEHIND SFT on c1 and ahead on c2; check 2 follows them."""
+    base = {"exact_match": 0.0, **{f"acc_c{k}": 0.1 for k in range(8)}, **{f"ce_c{k}": 2.3 for k in range(8)},
+            **{f"probe_r2_c_hat{k}": 0.5 for k in range(8)}}
+    sft = dict(base, acc_c0=1.0, acc_c7=0.97, acc_c1=0.6, ce_c1=0.8, ce_c2=2.30)
+    aux = dict(base, acc_c0=1.0, acc_c1=0.3, ce_c1=1.7, ce_c2=2.20)  # the paper's early picture
+    claim = m.judge({"SFT": sft, "SFT + aux": aux, "ICoT": base}, n=4)
+    assert claim["passed"], claim["checks"]
+    claim = m.judge({"SFT": sft, "SFT + aux": dict(aux, ce_c2=2.31, acc_c1=0.9), "ICoT": base}, n=4)
+    assert [k for k, ok in claim["checks"].items() if not ok] == [
+        "2. the aux loss helps where short training can see it: aux CE c2 2.310 < SFT's 2.300 nats"]
+
+
 @pytest.mark.claim
 def test_default_preset_reproduces_the_claim(tmp_path):
     record = m.main(replace(m.Args(), out_dir=str(tmp_path)))
