@@ -783,12 +783,12 @@ def judge(args: Args, results: dict) -> dict:
             "checks": {k: bool(v) for k, v in checks.items()}}
 
 
-def plot(path: Path, args: Args, results: dict, examples: dict) -> None:
+def plot(path: Path, args: Args, results: dict, examples: dict, history: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 3, figsize=(15, 9.5))
+    fig, ax = plt.subplots(2, 4, figsize=(20, 9.5))
     for a, (title, P, shapes) in zip(list(ax[0, :2]) + list(ax[1, :2]), examples.values()):
         a.scatter(P[:, 0], P[:, 1], s=12, c="k", zorder=3)
         for (seq, style, label) in shapes:
@@ -813,7 +813,15 @@ def plot(path: Path, args: Args, results: dict, examples: dict) -> None:
     ax[1, 2].axvspan(args.tsp_n_min, args.tsp_n_max, color="0.85", label="trained n")
     ax[1, 2].set(xlabel="n cities", ylabel="% above optimal tour", title="TSP: greedy Ptr-Net vs heuristics")
     ax[1, 2].legend(fontsize=8)
-    fig.suptitle("Pointer Networks: predicted vs true hulls and tours; generalisation in n", fontsize=12)
+    c = args.hull_compare_n
+    for a, names, title in ((ax[0, 3], ("ptr_net_at_n", "seq2seq_attn"), f"head-to-head, both trained at n={c}"),
+                            (ax[1, 3], ("ptr_net", "ptr_net_tsp"), "hull (n=5-10) and TSP Ptr-Nets")):
+        for name in names:
+            h = history[name]
+            a.plot([r["step"] for r in h], [r["train/loss"] for r in h], label=name)
+        a.set(xlabel="training step", ylabel="train loss (NLL per output step, nats)", title=title)
+        a.legend(fontsize=8)
+    fig.suptitle("Pointer Networks: predicted vs true hulls and tours; generalisation in n; training curves", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -879,7 +887,7 @@ def main(args: Args) -> dict:
     shared.print_table(header, rows, claim)
     for check, ok in claim["checks"].items():
         print(f"  [{'x' if ok else ' '}] {check}")
-    plot(shared.run_path(args, SLUG, ".png"), args, results, examples)
+    plot(shared.run_path(args, SLUG, ".png"), args, results, examples, history)
     key = {"metric": f"hull_acc_n{c}", "method": "ptr_net_at_n", "baseline": "seq2seq_attn", "higher_is_better": True}
     return shared.save_metrics(args, slug=SLUG, paper=PAPER, arxiv=ARXIV, results=results, key=key, claim=claim,
                                paper_numbers=PAPER_NUMBERS, history=history, wall_s=time.perf_counter() - t0)
