@@ -643,11 +643,16 @@ PAPER_NUMBERS = {  # project page, top-1 %: (CIFAR-10, CIFAR-100, ImageNet-1K)
 }
 
 
+def model_names(args: Args) -> tuple[str, str, str, str]:
+    """The run's four models: softmax, blockwise GnB (the method), universal GnU, the longer-trained softmax."""
+    g = f"G{args.grid}"
+    return "softmax", f"{g}B", f"{g}U", f"softmax x{args.long_epochs}ep"
+
+
 def judge(args: Args, results: dict, diag: dict, clock: str) -> dict:
     """The card's criteria (a)-(e), with (c)'s bar from the paper's compute figure, and the soft (f), on one run:
     results[name] holds test_acc and the per-epoch clock of each model, diag[name] its attention diagnostics."""
-    g = f"G{args.grid}"
-    softmax, blockwise, universal, long = "softmax", f"{g}B", f"{g}U", f"softmax x{args.long_epochs}ep"
+    softmax, blockwise, universal, long = model_names(args)
     # DEVIATION 4: (a) is checked on this run's seed; the card averages 2 seeds (run_all.sh runs the seeds)
     acc = {n: r["test_acc"] for n, r in results.items()}
     time_ratio = results[blockwise][clock] / results[softmax][clock]
@@ -679,8 +684,7 @@ def main(args: Args) -> dict:
     t_start, attn_fn = time.perf_counter(), ATTENTION[args.attn]
     data = build_data(args, device)
     channels, side = data["x_train"].shape[1], args.image_size or data["x_train"].shape[-1]
-    g = f"G{args.grid}"
-    softmax, blockwise, universal, long = "softmax", f"{g}B", f"{g}U", f"softmax x{args.long_epochs}ep"
+    softmax, blockwise, universal, long = model_names(args)
     plan = [(softmax, "softmax", args.epochs), (blockwise, "B", args.epochs), (universal, "U", args.epochs)]
     plan += [(long, "softmax", args.long_epochs)] if args.long_epochs else []
     results, history, diag = {}, [], {}

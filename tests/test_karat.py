@@ -232,7 +232,7 @@ def test_cost_check_bar_is_the_papers_smallest_ratio_not_the_cards_2x():
     """Check (c): the paper's compute figure has G3B / softmax for ViT-Tiny at ~1.27x (ImageNet-1K, ~118 h vs ~93 h);
     that run must count as "costs more", a 1.2x one must not."""
     args = m.Args()
-    names = ("softmax", "G3B", "G3U", f"softmax x{args.long_epochs}ep")
+    names = m.model_names(args)
     results = {n: {"test_acc": 96.0, "cpu_ms_per_epoch": 100.0} for n in names}
     results["G3B"] = {"test_acc": 98.5, "cpu_ms_per_epoch": 127.0}
     results[names[3]]["test_acc"] = 98.0  # (b): the 3x-longer softmax is comparable
