@@ -41,6 +41,18 @@ def test_head_to_head_models_train_on_the_same_examples_at_the_compare_n(tmp_pat
     assert not torch.equal(calls[0][3][0][:, :5], ptr[0][3][0][:, :5])  # a stream of its own
 
 
+def test_scoring_during_training_leaves_training_untouched(tmp_path):
+    smoke = replace(m.PRESETS["smoke"], out_dir=str(tmp_path))
+    plain, scored = m.main(smoke), m.main(replace(smoke, hull_compare_test_every=1))
+    assert without_timing(plain["results"]) == without_timing(scored["results"])
+    c, k = smoke.hull_compare_n, smoke.hull_compare_steps
+    for name in ("ptr_net_at_n", "seq2seq_attn"):
+        rows = [r for r in scored["history"][name] if "test/acc" in r]
+        assert [r["step"] for r in rows] == list(range(1, k + 1))
+        assert rows[-1]["test/acc"] == scored["results"][name][f"hull_acc_n{c}"]  # the last score is the table's
+        assert not any("test/acc" in r for r in plain["history"][name])
+
+
 # ------------------------------------------------------------------------------------------- fused == reference
 def random_scores(B=3, m_=7, N=13, d=9, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -237,6 +249,7 @@ def test_malformed_data_dir_file_exits_2(tmp_path):
     (["--hull-n-min", "2"], "at least 3"),
     (["--hull-test-ns", "4", "10", "20"], "below the training minimum"),
     (["--hull-compare-n", "15"], "--hull-compare-n 15"),
+    (["--hull-compare-test-every", "-1"], "0 (off)"),
 ])
 def test_bad_arguments_exit_2_with_one_sentence(flags, word):
     assert_usage_error(run_script("pointer_networks", "--preset", "smoke", *flags), word)
