@@ -11,9 +11,10 @@ n=20, a length it never saw; on planar TSP (n in 5..8, exact targets) greedy Ptr
 optimal and beat nearest neighbour. Trained and tested at n=50 (Table 1's head-to-head), Ptr-Net is NOT ahead of
 seq2seq + attention, which must name each point from a fixed 50-word vocabulary, by the 20+ points asked (paper,
 converged: 72.6% vs 38.9%): 13-15 points after 400 steps, where the baseline has not yet left its plateau (0%
-exact, 97-99% invalid polygons), 3.3 after 2000 (27.4% vs 24.1%) and 2.8 after 8000 (40.8% vs 38.0%; the
-baseline led at 5000). Once the baseline is off its plateau the two learn the n=50 hull at the same rate, with
-or without the used-point mask. At n=10 the fixed vocabulary costs the baseline almost nothing (Deviation 6).
+exact, 97-99% invalid polygons), 3.3 after 2000 (27.4% vs 24.1%), 2.8 after 8000 (40.8% vs 38.0%), and after
+16000 the baseline leads (43.8% vs 44.2%; it led at 10k, 12k and 14k too). Once the baseline is off its plateau
+the two learn the n=50 hull at the same rate, with or without the used-point mask. At n=10 the fixed vocabulary
+costs the baseline almost nothing (Deviation 6).
 CPU scale, data generated in the file.
 
 Run:  python methods/pointer_networks.py                            # default: CPU, ~3 min on 2 cores
@@ -65,6 +66,11 @@ of the 5..10-trained rows, 80.1 / 60.0 / 26.2 at n=5 / 10 / 20 in the other):
   paper's converged 38.9%, the Ptr-Net at 56% of its converged 72.6%, and both still climb at about the same
   rate. Without the used-point mask (--no-mask-used: the paper's rule for the hull, in training and decoding, for
   both models; 6000 steps, 24 / 19 min) both are a little lower, above 1% invalid (FAIL), and still level.
+  Continued to 16000 steps (2.0M examples; the same seed and stream rerun, scored every 2000 steps, 64 / 55 min):
+    step                         10000 12000 14000 16000
+    Ptr-Net                      40.3  42.9  44.2  43.8   (area 0.997-0.999, 0.2-1.0% invalid)
+    seq2seq+attn                 41.8  43.7  47.0  44.2   (area 0.995-0.998, 0.1-0.5% invalid)
+  This baseline overtakes the paper's converged 38.9% and keeps pace with the Ptr-Net (at 60% of its 72.6%).
 
 Implementation details:
   1. Encoder and decoder are single-layer LSTMs; each point (x, y) enters through one shared linear embedding
@@ -118,10 +124,14 @@ Deviations from the paper:
      58.0 / 57.8 vs 59.9 / 59.6 vs 55.6 (an earlier version of this file); `--hull-compare-n 10
      --hull-compare-steps 2000` (both trained at exactly n=10, seed 0, 1 thread) gives 64.2 vs 61.6. The card's
      +20-point bar is kept, at n=50. It cannot be met by the default's budget (Ptr-Net itself is at 13-15% after
-     400 steps, far from its converged 72.6%); after 2000 steps the gap has shrunk to +3.3, and after 8000 (1.0M
-     examples) it is +2.8, with the baseline at the paper's converged 38.9% (Expected). Whether the Ptr-Net pulls
-     away later, as in the paper, is beyond a CPU run. The area check is the paper's ordering at n=50 (99.9% vs
-     99.7%).
+     400 steps, far from its converged 72.6%); after 2000 steps the gap has shrunk to +3.3, after 8000 (1.0M
+     examples) it is +2.8, and after 16000 (2.0M) it is -0.4, with the baseline at 44.2%, above the paper's
+     converged 38.9% (Expected). So this seq2seq+attn is stronger than the paper's. What makes the difference
+     is not settled here: Adam, fresh examples (no overfitting of a fixed 1M set), 128 units, or a detail the
+     paper does not give; it is not the used-point mask (without it both are a little lower and still level).
+     Whether the Ptr-Net pulls away later, as in the paper, is beyond a CPU run. The area check is the paper's
+     ordering at n=50 (99.9% vs 99.7%); the long runs hold it at 1000-4000, 6000 and 8000-16000 steps, not at
+     5000 or 7000 (0.9950 vs 0.9964, 0.9971 vs 0.9980).
 """
 
 import itertools
