@@ -27,9 +27,10 @@ Run:  python methods/pointer_networks.py                            # default: C
                                                                     # the long head-to-head (~1 h, Expected)
       python methods/pointer_networks.py --help
 
-Expected (default preset, seed 0, 2 threads: 173 s of run time (~3 min) on a quiet 2-core CPU; another thread
-count moves the numbers by about a seed's spread, and two 2-thread runs of this code differed in the last digit
-of the 5..10-trained rows, 80.1 / 60.0 / 26.2 at n=5 / 10 / 20 in the other):
+Expected (default preset, seed 0, 2 threads: 173 s of run time, 203 s in a later rerun with the same table (~3
+min) on a quiet 2-core CPU; another thread count moves the numbers by about a seed's spread, and two 2-thread runs
+of this code differed in the last digit of the 5..10-trained rows, 80.1 / 60.0 / 26.2 at n=5 / 10 / 20 in the
+other):
   | metric (hull: exact % / area)    | Ptr-Net                      | baselines                             | paper (card, unverified)              |
   |----------------------------------|------------------------------|---------------------------------------|---------------------------------------|
   | hull n=5 (trained 5-10)          | 80.4 / 0.986 (0.8% inv)      | -                                     | 92.0 / 0.996 (trained 5-50)           |
