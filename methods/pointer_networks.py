@@ -10,13 +10,11 @@ Reproduces: Ptr-Net trained on convex hulls of n in 5..10 points still draws val
 n=20, a length it never saw; on planar TSP (n in 5..8, exact targets) greedy Ptr-Net tours are within ~2% of
 optimal and beat nearest neighbour. Trained and tested at n=50 (Table 1's head-to-head), Ptr-Net is NOT ahead of
 seq2seq + attention, which must name each point from a fixed 50-word vocabulary, by the 20+ points asked (paper,
-converged: 72.6% vs 38.9%): 13-15 points after 400 steps, where the baseline has not yet left its plateau (0%
-exact, 97-99% invalid polygons), 3.3 after 2000 (27.4% vs 24.1%), 2.8 after 8000 (40.8% vs 38.0%), and after
-16000 the baseline leads (43.8% vs 44.2%; it led at 10k, 12k and 14k too), all on seed 0; on seed 1 the Ptr-Net
-is 8 points ahead at 4000 and 6000 steps (41.6% vs 33.5%). After the baseline's plateau the gap depends on the
-seed, never near 20. With the paper's optimizer (SGD, lr 1.0) the baseline's plateau lasts 6000-7000 steps, not
-~1000: the gap is 23 points at 7000-8000 steps, then 10-12 at 12000-16000 (40.3% vs 28.8% at 16000, seed 0;
-seed 1: +21 at 6000, +7 at 12000). At n=10 the fixed vocabulary costs the baseline almost nothing (Deviation 6).
+converged: 72.6% vs 38.9%): it leads by 13-15 points after the default's 400 steps, while the baseline is still
+on its plateau (0% exact, 97-99% invalid polygons). In the longer runs of Expected the gap shrinks once the
+baseline leaves its plateau: with Adam it is -2.8 to +8 points at 6000-16000 steps (seeds 0, 1); with the paper's
+SGD the plateau lasts 6000-7000 steps, the gap reaches +21 to +24 there and is +7 to +12 from 12000 steps on.
+At n=10 the fixed vocabulary costs the baseline almost nothing (Deviation 6).
 CPU scale, data generated in the file.
 
 Run:  python methods/pointer_networks.py                            # default: CPU, ~3 min on 2 cores
@@ -29,10 +27,10 @@ Run:  python methods/pointer_networks.py                            # default: C
                                                                     # the long head-to-head (~1 h, Expected)
       python methods/pointer_networks.py --help
 
-Expected (default preset, seed 0, 2 threads: 173 s of run time, 203 s in a later rerun with the same table (~3
-min) on a quiet 2-core CPU; another thread count moves the numbers by about a seed's spread, and two 2-thread runs
-of this code differed in the last digit of the 5..10-trained rows, 80.1 / 60.0 / 26.2 at n=5 / 10 / 20 in the
-other):
+Expected (default preset, seed 0, 2 threads: 173, 203 and 205 s of run time in three runs with this same table
+(~3 min) on a quiet 2-core CPU; another thread count moves the numbers by about a seed's spread, and two 2-thread
+runs of this code differed in the last digit of the 5..10-trained rows, 80.1 / 60.0 / 26.2 at n=5 / 10 / 20 in
+the other):
   | metric (hull: exact % / area)    | Ptr-Net                      | baselines                             | paper (card, unverified)              |
   |----------------------------------|------------------------------|---------------------------------------|---------------------------------------|
   | hull n=5 (trained 5-10)          | 80.4 / 0.986 (0.8% inv)      | -                                     | 92.0 / 0.996 (trained 5-50)           |
@@ -149,17 +147,15 @@ Deviations from the paper:
      fixed vocabulary is no handicap here: both trained on n in 5..10 for 2000 steps, seeds 0 / 1 / 2 gave 60.1 vs
      58.0 / 57.8 vs 59.9 / 59.6 vs 55.6 (an earlier version of this file); `--hull-compare-n 10
      --hull-compare-steps 2000` (both trained at exactly n=10, seed 0, 1 thread) gives 64.2 vs 61.6. The card's
-     +20-point bar is kept, at n=50. It cannot be met by the default's budget (Ptr-Net itself is at 13-15% after
-     400 steps, far from its converged 72.6%); after 2000 steps the gap has shrunk to +3.3, after 8000 (1.0M
-     examples) it is +2.8, and after 16000 (2.0M) it is -0.4, with the baseline at 44.2%, above the paper's
-     converged 38.9% (Expected; seed 0; seed 1 is +8 at 6000 steps). So this seq2seq+attn, trained with Adam, is
-     stronger than the paper's. The optimizer is part of the difference. With the paper's SGD (lr 1.0) the
-     baseline's plateau lasts 6000-7000 steps instead of ~1000 (Expected, seeds 0 and 1). When the seed-0
-     Ptr-Net reaches 40%, the baseline is then 11.5 points behind, against 2.8 with Adam. The rest is not
-     settled: fresh examples (no overfitting of a fixed 1M set), 128 units, or a detail the paper does not give.
-     It is not the used-point mask: without it both models are a little lower and still level.
+     +20-point bar is kept, at n=50. It is not met at the default's budget (the Ptr-Net itself is at 13-15% after
+     400 steps, far from its converged 72.6%), nor in the longer runs of Expected once the baseline is off its
+     plateau. With Adam this baseline reaches 44.2% by 16000 steps, above the paper's converged 38.9%: it is
+     stronger than the paper's. The optimizer is part of the difference: with the paper's SGD its plateau lasts
+     6000-7000 steps, and when the seed-0 Ptr-Net reaches 40% it is 11.5 points behind (with Adam, 2.8). The
+     rest is not settled: fresh examples (no overfitting of a fixed 1M set), 128 units, or a detail the paper
+     does not give. It is not the used-point mask: without it both models are a little lower and still level.
      Whether the Ptr-Net pulls away later, as in the paper, is beyond a CPU run. The area check is the paper's
-     ordering at n=50 (99.9% vs 99.7%); the long runs hold it at 1000-4000, 6000 and 8000-16000 steps, not at
+     ordering at n=50 (99.9% vs 99.7%); the long Adam runs hold it at 1000-4000, 6000 and 8000-16000 steps, not at
      5000 or 7000 (0.9950 vs 0.9964, 0.9971 vs 0.9980).
 """
 
