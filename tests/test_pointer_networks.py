@@ -91,7 +91,7 @@ def test_pointer_formula_by_hand():
         torch.testing.assert_close(fn(w1e, w2d, v, mask).exp()[0, 0], p / p.sum())
 
 
-@pytest.mark.parametrize("build", ["ptr_hull", "ptr_tsp", "seq2seq"])
+@pytest.mark.parametrize("build", ["ptr_hull", "ptr_tsp", "seq2seq", "seq2seq_point"])
 def test_whole_model_same_weights_both_paths(build):
     rng = np.random.default_rng(0)
     task, lo, hi = ("tsp", 4, 7) if build == "ptr_tsp" else ("hull", 5, 9)
@@ -102,15 +102,40 @@ def test_whole_model_same_weights_both_paths(build):
         torch.manual_seed(0)
         models.append({"ptr_hull": lambda: m.PointerNet(11, fn, eos=True),
                        "ptr_tsp": lambda: m.PointerNet(11, fn, eos=False),
-                       "seq2seq": lambda: m.Seq2SeqAttention(11, fn, n_vocab=9)}[build]().double())
+                       "seq2seq": lambda: m.Seq2SeqAttention(11, fn, n_vocab=9),
+                       "seq2seq_point": lambda: m.Seq2SeqAttention(11, fn, n_vocab=9, dec_input="point")}[build]().double())
     losses = [mod(points, *batch[1:]) for mod in models]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
-    g = [torch.autograd.grad(loss, list(mod.parameters())) for loss, mod in zip(losses, models)]
+    g = [torch.autograd.grad(loss, list(mod.parameters()), allow_unused=True, materialize_grads=True)
+         for loss, mod in zip(losses, models)]  # (the seq2seq "go" point is unused when it reads symbols)
     for ga, gb in zip(*g):
         torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
     full = points[:, :hi] if task == "tsp" else points
     lengths = torch.full((len(full),), full.shape[1])
     assert torch.equal(models[0].decode(full, lengths), models[1].decode(full, lengths))
+
+
+@pytest.mark.parametrize("dec_input", ["symbol", "point"])
+def test_seq2seq_teacher_forcing_on_its_own_greedy_output_replays_the_same_logits(dec_input, monkeypatch):
+    """Training and decoding must feed the decoder the same thing (start symbol, then C_{i-1} or P_{C_{i-1}}):
+    teacher-forcing the model on its own greedy output reproduces every logit of the greedy run."""
+    torch.manual_seed(0)
+    model = m.Seq2SeqAttention(10, m.attention_fused, n_vocab=8, dec_input=dec_input).double()
+    pts, lengths = torch.rand(6, 8, 2, dtype=torch.float64), torch.full((6,), 8)
+    seen, real = [], m.Seq2SeqAttention.step
+
+    def spy(self, *a):
+        out = real(self, *a)
+        seen.append(out[0])
+        return out
+    monkeypatch.setattr(m.Seq2SeqAttention, "step", spy)
+    out = model.decode(pts, lengths)  # (B,T) symbols, 0 = EOS and after
+    greedy, seen[:] = torch.stack(seen, 1), []
+    tmask = (out == 0).cumsum(1) - (out == 0).long() == 0  # up to and including the first EOS
+    assert (out == 0).any(1).all() and (out[:, 0] > 0).all()  # every row names a point, then ends
+    model(pts, lengths, out, tmask)
+    forced = torch.stack(seen, 1)
+    torch.testing.assert_close(forced[tmask], greedy[:, :out.shape[1]][tmask], rtol=0, atol=1e-12)
 
 
 def test_greedy_tsp_decoding_gives_permutations_and_padding_never_matters():
