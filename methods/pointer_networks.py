@@ -18,7 +18,7 @@ coordinates of the point it named (--s2s-input point, the Ptr-Net's own input; t
 2026-11-27) leaves its plateau after ~550 steps and then keeps pace with the Ptr-Net (Deviation 6).
 CPU scale, data generated in the file.
 
-Run:  python methods/pointer_networks.py                            # default: CPU, ~3 min on 2 cores
+Run:  python methods/pointer_networks.py                            # default: CPU, 3-6 min on 2 cores
       python methods/pointer_networks.py --preset smoke             # seconds, same code path
       python methods/pointer_networks.py --preset paper --device cuda   # hidden 512, n in 5..50, 100k steps
       python methods/pointer_networks.py --attn reference           # literal per-step pointer scores
@@ -29,10 +29,10 @@ Run:  python methods/pointer_networks.py                            # default: C
       python methods/pointer_networks.py --s2s-input point          # the baseline reads points, not symbols
       python methods/pointer_networks.py --help
 
-Expected (default preset, seed 0, 2 threads: 173, 203 and 205 s of run time in three runs with this same table
-(~3 min) on a quiet 2-core CPU; another thread count moves the numbers by about a seed's spread, and two 2-thread
-runs of this code differed in the last digit of the 5..10-trained rows, 80.1 / 60.0 / 26.2 at n=5 / 10 / 20 in
-the other):
+Expected (default preset, seed 0, 2 threads: 384 s of run time on a quiet 2-core CPU that ran the previous
+version of this file (the point-reading baseline, Deviation 6) in 365 s; earlier 2-core machines ran that version in
+173-205 s, so expect 3-6 min. Another thread count moves the numbers by about a seed's spread, and the Ptr-Net
+rows of 2-thread runs have differed between machines in the last digit, e.g. 60.1 / 12.9 at n=10 / 50):
   | metric (hull: exact % / area)    | Ptr-Net                      | baselines                             | paper (card, unverified)              |
   |----------------------------------|------------------------------|---------------------------------------|---------------------------------------|
   | hull n=5 (trained 5-10)          | 80.4 / 0.986 (0.8% inv)      | -                                     | 92.0 / 0.996 (trained 5-50)           |
