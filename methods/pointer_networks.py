@@ -599,9 +599,10 @@ class Seq2SeqAttention(nn.Module):
         self.W2 = nn.Linear(hidden, hidden, bias=False)
         self.v = nn.Parameter(torch.empty(hidden))
         self.out = nn.Linear(2 * hidden, n_vocab + 1)  # class 0 = EOS, class j = "input number j"
-        self.go = nn.Parameter(torch.empty(2))  # step-1 input point (dec_input="point"; kept in both, one init)
+        self.go = nn.Parameter(torch.empty(2))  # step-1 input point; unused with symbols, kept so both modes init alike
         init_uniform(self)
-        if dec_input == "symbol":  # rows 1..n_vocab: the symbols; row n_vocab + 1: the start symbol (Sec. 2.1's "=>")
+        self.start_symbol = n_vocab + 1  # Sec. 2.1's "=>"; rows 1..n_vocab of the table are the output symbols
+        if dec_input == "symbol":
             self.symbols = nn.Embedding(n_vocab + 2, hidden)
             nn.init.uniform_(self.symbols.weight, -0.08, 0.08)
 
@@ -620,7 +621,7 @@ class Seq2SeqAttention(nn.Module):
         """Teacher-forced decoder inputs (B,m,d): the embedded previous symbol, or the embedded previous point."""
         if self.dec_input == "point":
             return self.embed(previous_points(points, targets, self.go))
-        start = torch.full_like(targets[:, :1], self.n_vocab + 1)
+        start = torch.full_like(targets[:, :1], self.start_symbol)
         return self.symbols(torch.cat([start, targets[:, :-1]], 1))  # EOS/padding inputs are never read
 
     def forward(self, points, lengths, targets, tmask):
@@ -644,7 +645,7 @@ class Seq2SeqAttention(nn.Module):
             if self.dec_input == "point":
                 inp = self.embed(x)
             else:
-                inp = self.symbols(torch.full_like(lengths, self.n_vocab + 1) if prev is None else prev)
+                inp = self.symbols(torch.full_like(lengths, self.start_symbol) if prev is None else prev)
             logits, feed, state = self.step(inp, feed, state, e, w1e, keys)
             return logits.masked_fill(~ok, float("-inf"))
         return greedy_decode(step, self.go, points, lengths, self.n_vocab + 1, True, self.mask_used)
